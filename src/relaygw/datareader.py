@@ -1,0 +1,128 @@
+"""The DATA phase as a pure, bulk byte scanner (no I/O, no reactor).
+
+Input arrives in arbitrary pieces. Complete lines are processed a block at a
+time with bytes methods that run in C (find, count, replace), never one
+Python call per line:
+
+- the data ends only at ``CRLF . CRLF`` (or ``. CRLF`` as the very first
+  line). Every smuggling variant (``LF . LF``, ``CR LF . LF``, ``LF . CR LF``,
+  ``CR . CR LF``...) is just data; and any bare CR or LF taints the message,
+  which is refused after the real end (RFC 5321 section 2.3.8, the 2023 SMTP
+  smuggling attacks);
+- dot-stuffing is undone (RFC 5321 section 4.5.2);
+- a line over ``max_line`` octets (not counting CRLF and a stuffing dot) or a
+  total over ``max_size`` taints the message; from then on bytes are only
+  scanned for the end, not kept;
+- ``Received:`` headers are counted for the hop limit;
+- a client that never sends a line end cannot grow the buffer past one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from enum import Enum
+
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+_END = b"\r\n.\r\n"
+
+
+class DataError(Enum):
+    BARE_NEWLINE = "bare CR or LF"
+    LINE_TOO_LONG = "line too long"
+    TOO_BIG = "message too big"
+    WRITE_FAILED = "write failed"
+
+
+class DataReader:
+    def __init__(self, sink: Callable[[bytes], None], max_size: int, max_line: int = 1000) -> None:
+        self.sink = sink
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0
+        self.received_headers = 0
+        self.error: DataError | None = None
+        self.write_error: OSError | None = None
+        self.finished = False
+        self._buffer = bytearray()
+        self._line_start_after_crlf = True  # the first line follows the 354's CRLF
+        self._midline = False  # the buffer's head is the rest of an over-long line
+        self._in_headers = True
+
+    def taint(self, error: DataError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take more bytes; once the end is seen, return what followed it (else None)."""
+        self._buffer += data
+        last_lf = self._buffer.rfind(b"\n")
+        if last_lf < 0:
+            if len(self._buffer) > self.max_line + 3:
+                self.taint(DataError.LINE_TOO_LONG)
+                del self._buffer[:-1]  # keep a trailing CR: it may pair with the next LF
+                self._midline = True
+            return None
+        block = bytes(self._buffer[: last_lf + 1])
+        rest = bytes(self._buffer[last_lf + 1:])
+        end = self._find_end(block)
+        if end is None:
+            self._buffer = bytearray(rest)
+            self._consume(block)
+            if len(self._buffer) > self.max_line + 3:
+                return self.feed(b"")
+            return None
+        self._consume(block[:end])
+        self.finished = True
+        self._buffer = bytearray()
+        return block[end + 3:] + rest
+
+    def _find_end(self, block: bytes) -> int | None:
+        """Index of the terminating ``.CRLF`` line in ``block``, which starts a line."""
+        if not self._midline and self._line_start_after_crlf and block.startswith(b".\r\n"):
+            return 0
+        index = block.find(_END)
+        return None if index < 0 else index + 2
+
+    def _consume(self, block: bytes) -> None:
+        """Check and pass on whole lines; ``block`` ends with LF (or is empty)."""
+        if not block:
+            return
+        first_is_line_start = not self._midline
+        self._midline = False
+        self._line_start_after_crlf = block.endswith(b"\r\n")
+        if self.error is not None:
+            return
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            self.taint(DataError.BARE_NEWLINE)
+            return
+        if len(block) > self.max_line + 3 and \
+                max(map(len, block.split(b"\n"))) > self.max_line + 2:
+            self.taint(DataError.LINE_TOO_LONG)
+            return
+        if b"\n." in block:
+            block = block.replace(b"\n.", b"\n")
+        if first_is_line_start and block.startswith(b"."):
+            block = block[1:]
+        if self._in_headers:
+            self._count_headers(block)
+        self.size += len(block)
+        if self.size > self.max_size:
+            self.taint(DataError.TOO_BIG)
+            return
+        try:
+            self.sink(block)
+        except OSError as e:
+            self.write_error = e
+            self.taint(DataError.WRITE_FAILED)
+
+    def _count_headers(self, block: bytes) -> None:
+        if block.startswith(b"\r\n"):
+            self._in_headers = False
+            return
+        end = block.find(b"\n\r\n")
+        headers = block if end < 0 else block[: end + 1]
+        if end >= 0:
+            self._in_headers = False
+        self.received_headers += len(_RECEIVED.findall(headers))

@@ -1,0 +1,1 @@
+"""Transports: each delivers one attempt for a group of recipients (see interfaces.IDeliverer)."""

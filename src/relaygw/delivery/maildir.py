@@ -1,0 +1,102 @@
+"""Local delivery into Maildirs (tmp/ then rename into new/), one per recipient.
+
+The file name is derived from the queue entry (arrival time, queue id,
+recipient index), not from the moment of delivery, so a delivery repeated
+after a crash between the rename and the spool's record of it finds its own
+earlier file and does not deliver twice. Files use LF line endings, as
+Postfix's local(8) writes them, and start with Return-Path: and Delivered-To:.
+A Maildir that cannot be written is a transient failure: the operator can
+fix permissions and the mail waits in the queue.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from relaygw.envelope import Envelope, Recipient
+from relaygw.interfaces import DeliveryResult, IDeliverer
+from relaygw.spool import BlockingRunner
+
+CHUNK = 256 * 1024
+
+
+def maildir_file_name(envelope: Envelope, index: int, hostname: str) -> str:
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    return f"{int(envelope.received)}.R{envelope.id}_{index}.{host}"
+
+
+@implementer(IDeliverer)
+class MaildirDeliverer:
+    def __init__(self, hostname: str, run_blocking: BlockingRunner) -> None:
+        self.hostname = hostname
+        self.run_blocking = run_blocking
+
+    def destination(self, recipient: Recipient) -> str:
+        return "local"
+
+    def deliver(self, envelope: Envelope, message_path: Path,
+                recipients: Sequence[Recipient]) -> Deferred[list[DeliveryResult]]:
+        d = self.run_blocking(self._deliver_all, envelope, message_path, list(recipients))
+        return d.addErrback(lambda f: [DeliveryResult.deferred(
+            f"451 4.3.0 local delivery failed: {f.getErrorMessage()}")] * len(recipients))
+
+    def _deliver_all(self, envelope: Envelope, message_path: Path,
+                     recipients: list[Recipient]) -> list[DeliveryResult]:
+        results = []
+        for recipient in recipients:
+            try:
+                index = envelope.recipients.index(recipient)
+                path = self._deliver_one(envelope, message_path, recipient, index)
+            except OSError as e:
+                results.append(DeliveryResult.deferred(
+                    f"451 4.3.0 cannot write Maildir {recipient.maildir}: "
+                    f"{e.strerror or e}"))
+            else:
+                results.append(DeliveryResult.delivered(
+                    f"250 2.0.0 delivered to maildir {path}"))
+        return results
+
+    def _deliver_one(self, envelope: Envelope, message_path: Path, recipient: Recipient,
+                     index: int) -> str:
+        assert recipient.maildir is not None
+        maildir = Path(recipient.maildir)
+        name = maildir_file_name(envelope, index, self.hostname)
+        final = maildir / "new" / name
+        if final.exists() or (maildir / "cur" / f"{name}:2,").exists():
+            return str(final)  # delivered before a crash; the spool did not hear of it
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        temp = maildir / "tmp" / name
+        header = (f"Return-Path: <{envelope.sender}>\n"
+                  f"Delivered-To: {recipient.address}\n").encode()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with open(fd, "wb", closefd=False) as out, open(message_path, "rb") as source:
+                out.write(header)
+                carry = b""
+                while chunk := source.read(CHUNK):
+                    chunk = carry + chunk
+                    if chunk.endswith(b"\r"):  # a CRLF split across two reads
+                        chunk, carry = chunk[:-1], b"\r"
+                    else:
+                        carry = b""
+                    out.write(chunk.replace(b"\r\n", b"\n"))
+                out.write(carry)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.rename(temp, final)
+        dir_fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return str(final)

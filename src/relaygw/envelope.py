@@ -1,0 +1,79 @@
+"""The queue's value types: an envelope with per-recipient delivery state.
+
+Stored as JSON (never pickle) beside the message file, rewritten whole after
+every attempt so that the file on disk is always one consistent record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+ENVELOPE_VERSION = 1
+
+
+class RecipientState(StrEnum):
+    QUEUED = "queued"        # never tried yet
+    DEFERRED = "deferred"    # tried, failed transiently, waiting for next_attempt
+    DELIVERING = "delivering"  # in flight (in memory only; never written as such)
+    DELIVERED = "delivered"
+    FAILED = "failed"        # permanent failure: bounced (or dropped for sender <>)
+
+    @property
+    def pending(self) -> bool:
+        return self in (RecipientState.QUEUED, RecipientState.DEFERRED,
+                        RecipientState.DELIVERING)
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: str                  # after alias expansion: where it goes
+    original: str                 # as the client gave it at RCPT
+    action: str                   # "local" or "relay"
+    maildir: str | None = None    # local: the Maildir chosen at RCPT time
+    state: RecipientState = RecipientState.QUEUED
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_error: str | None = None
+    remote: str | None = None     # the next hop of the last attempt
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass(slots=True)
+class Envelope:
+    id: str
+    sender: str                   # "" is the null reverse path <>
+    recipients: list[Recipient]
+    received: float               # epoch seconds
+    size: int = 0
+    client_address: str = ""
+    helo: str = ""
+    held: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state.pending]
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        data["version"] = ENVELOPE_VERSION
+        for rcpt in data["recipients"]:
+            if rcpt["state"] == RecipientState.DELIVERING:
+                rcpt["state"] = RecipientState.DEFERRED if rcpt["attempts"] else "queued"
+            rcpt["state"] = str(rcpt["state"])
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Envelope:
+        data = json.loads(raw)
+        if data.pop("version", None) != ENVELOPE_VERSION:
+            raise ValueError("unknown envelope version")
+        recipients = [Recipient(**{**r, "state": RecipientState(r["state"])})
+                      for r in data.pop("recipients")]
+        return cls(recipients=recipients, **data)

@@ -1,0 +1,59 @@
+"""The seams between the queue and its transports.
+
+A transport is told to make one attempt for a group of recipients of one
+message that share a destination, and answers with one DeliveryResult per
+recipient, in order. It never touches the spool: recording outcomes,
+retrying and bouncing are the scheduler's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from relaygw.envelope import Envelope, Recipient
+
+
+class Status(Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"   # transient: try again per retry_schedule
+    FAILED = "failed"       # permanent: bounce
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    status: Status
+    reply: str                  # e.g. "250 2.0.0 Ok" or "550 5.1.1 no such user"
+    remote: str | None = None   # the next hop that answered, e.g. "mx1.example.test[192.0.2.1]"
+
+    @classmethod
+    def delivered(cls, reply: str = "250 2.0.0 Ok", remote: str | None = None) -> DeliveryResult:
+        return cls(Status.DELIVERED, reply, remote)
+
+    @classmethod
+    def deferred(cls, reply: str, remote: str | None = None) -> DeliveryResult:
+        return cls(Status.DEFERRED, reply, remote)
+
+    @classmethod
+    def failed(cls, reply: str, remote: str | None = None) -> DeliveryResult:
+        return cls(Status.FAILED, reply, remote)
+
+
+class IDeliverer(Interface):
+    """A transport: local Maildir, outbound SMTP relay."""
+
+    def destination(recipient: Recipient) -> str:  # type: ignore[misc]
+        """The key that per-destination concurrency and back-off are counted on."""
+
+    def deliver(envelope: Envelope, message_path: Path,  # type: ignore[misc]
+                recipients: Sequence[Recipient]) -> Deferred[list[DeliveryResult]]:
+        """One attempt for ``recipients`` (one destination); one result each, in order.
+
+        The Deferred must not errback: a transport turns its own errors into
+        DEFERRED results.
+        """

@@ -1,0 +1,122 @@
+"""Routing: what happens to a recipient, decided at RCPT time. Pure, no I/O.
+
+Order: aliases first (recursively), then the first ``[[route]]`` whose domain
+pattern matches (exact, ``*.suffix``, ``*``). A client must be allowed to use
+the route of the address it *gave*: ``accept_from = "trusted"`` refuses an
+untrusted client with 554 5.7.1. An address covered by an alias belongs to
+us, so anyone may send to it; its targets are routed without the
+``accept_from`` check (the organisation configured the forwarding), but a
+target that no route takes, that a ``reject`` route refuses or that names an
+unknown mailbox refuses the whole RCPT: a refused recipient never turns into
+a bounce later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from relaygw import aliases as alias_expansion
+from relaygw.addresses import Mailbox
+from relaygw.config import Config, IPNetwork, RouteConfig
+from relaygw.envelope import Recipient
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: int
+    enhanced: str
+    text: str
+    reason: str  # short label for logs and metrics
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+RELAY_DENIED = Refusal(554, "5.7.1", "Relay access denied", "relay_denied")
+NO_ROUTE = Refusal(550, "5.7.1", "Recipient address rejected: no route to this domain",
+                   "no_route")
+REJECTED = Refusal(550, "5.7.1", "Recipient address rejected: access denied", "rejected")
+UNKNOWN_MAILBOX = Refusal(550, "5.1.1", "Recipient address rejected: user unknown",
+                          "unknown_mailbox")
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """``*`` matches all; ``*.suffix`` matches strict subdomains of suffix; else exact."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:]) and len(domain) > len(pattern) - 1
+    return domain == pattern
+
+
+def is_trusted_address(host: str, networks: Iterable[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def maildir_for(route: RouteConfig, mailbox: Mailbox) -> str | None:
+    """The Maildir path of a local recipient, or None if its name is unsafe on disk."""
+    local = mailbox.unquoted_local.lower()
+    if (not local or local.startswith(".") or "/" in local or "\\" in local
+            or any(ord(c) < 0x20 or c == "\x7f" for c in local)):
+        return None
+    return route.maildir.replace("{domain}", mailbox.domain).replace("{local}", local)
+
+
+class Router:
+    """Answers "where does this recipient go?" for one loaded Config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def find_route(self, domain: str) -> RouteConfig | None:
+        domain = domain.lower().rstrip(".")
+        for route in self.config.routes:
+            if any(domain_matches(pattern, domain) for pattern in route.domains):
+                return route
+        return None
+
+    def is_trusted(self, host: str) -> bool:
+        return is_trusted_address(host, self.config.relay.trusted_networks)
+
+    def route_recipient(self, mailbox: Mailbox, trusted: bool) -> Refusal | list[Recipient]:
+        """Refuse, or return the recipients this address becomes (aliases expanded)."""
+        targets = alias_expansion.expand(self.config.aliases, mailbox)
+        if targets is None:
+            outcome = self._route_one(mailbox, mailbox, check_access=True, trusted=trusted)
+            return outcome if isinstance(outcome, Refusal) else [outcome]
+        recipients = []
+        for target in targets:
+            outcome = self._route_one(target, mailbox, check_access=False, trusted=trusted)
+            if isinstance(outcome, Refusal):
+                return outcome
+            recipients.append(outcome)
+        return recipients
+
+    def _route_one(self, target: Mailbox, original: Mailbox, *, check_access: bool,
+                   trusted: bool) -> Refusal | Recipient:
+        route = self.find_route(target.domain)
+        if route is None:
+            return NO_ROUTE
+        if check_access and route.accept_from == "trusted" and not trusted:
+            return RELAY_DENIED
+        if route.action == "reject":
+            return REJECTED
+        if route.action == "local":
+            if (route.mailboxes is not None
+                    and target.unquoted_local.lower() not in route.mailboxes):
+                return UNKNOWN_MAILBOX
+            maildir = maildir_for(route, target)
+            if maildir is None:
+                return UNKNOWN_MAILBOX
+            return Recipient(address=str(target), original=str(original), action="local",
+                             maildir=maildir)
+        return Recipient(address=str(target), original=str(original), action="relay")

@@ -1,0 +1,112 @@
+"""The one place everything is wired: ``build_service(config, reactor)``.
+
+Tests call it directly with a memory reactor or a real one; ``tap.makeService``
+is a thin wrapper. Nothing here touches the filesystem before startService,
+because twistd enters ``--rundir`` only after the service is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from relaygw.config import Config
+from relaygw.delivery.maildir import MaildirDeliverer
+from relaygw.envelope import Envelope
+from relaygw.interfaces import IDeliverer
+from relaygw.logs import MailLog
+from relaygw.routing import Router
+from relaygw.scheduler import Scheduler
+from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
+from relaygw.spool import BlockingRunner, Spool
+
+SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
+
+
+def thread_runner(reactor: Any) -> BlockingRunner:
+    """Blocking file work (fsync above all) runs in the reactor's thread pool."""
+
+    def run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+    return run
+
+
+class Gateway(Service):
+    """The running gateway: spool, scheduler and the state sessions share."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, run_blocking: BlockingRunner,
+                 deliverers: dict[str, IDeliverer] | None = None) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.clock = reactor
+        self.reactor = reactor
+        self.maillog = MailLog()
+        self.connections = ConnectionLimiter()
+        self.spool = Spool(config.queue.directory, run_blocking)
+        if deliverers is None:
+            deliverers = default_deliverers(config, reactor, run_blocking)
+        self.scheduler = Scheduler(self.spool, deliverers, reactor, config.queue,
+                                   on_event=self.maillog.outcome)
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.prepare()
+        recovered = list(self.spool.recover())
+        if recovered:
+            self.log.info("spool: resuming {count} queued messages", count=len(recovered))
+        self.scheduler.start(recovered)
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        d = self.scheduler.stop()
+        timeout = self.reactor.callLater(SHUTDOWN_GRACE, d.cancel)
+
+        def done(result: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+
+        return d.addBoth(done)
+
+    def accepted(self, envelope: Envelope) -> None:
+        self.scheduler.enqueue(envelope)
+
+    def etrn(self, domain: str) -> None:
+        self.scheduler.flush(domain=domain)
+
+
+def default_deliverers(config: Config, reactor: Any,
+                       run_blocking: BlockingRunner) -> dict[str, IDeliverer]:
+    return {"local": MaildirDeliverer(config.hostname, run_blocking),
+            "relay": relay_deliverer(config, reactor)}
+
+
+def relay_deliverer(config: Config, reactor: Any) -> IDeliverer:
+    from relaygw.delivery.unavailable import UnavailableDeliverer
+
+    return UnavailableDeliverer()
+
+
+def build_service(config: Config, reactor: Any,
+                  run_blocking: BlockingRunner | None = None) -> MultiService:
+    top = MultiService()
+    top.setName("relaygw")
+    gateway = Gateway(config, reactor, run_blocking or thread_runner(reactor))
+    gateway.setName("gateway")
+    gateway.setServiceParent(top)
+    for listener in config.listeners:
+        endpoint = serverFromString(reactor, listener.endpoint)
+        factory = SMTPFactory(gateway, listener.kind, listener.endpoint)
+        service = StreamServerEndpointService(endpoint, factory)
+        service._raiseSynchronously = True  # a port we cannot bind stops start-up
+        service.setServiceParent(top)
+    return top

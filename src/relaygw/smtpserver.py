@@ -1,0 +1,516 @@
+"""The inbound SMTP server: protocol and factory, one factory per ``[[listener]]``.
+
+Our own protocol on twisted.internet.protocol.Protocol rather than
+twisted.mail.smtp.ESMTP, which advertises almost nothing, ignores SIZE,
+accepts bare LF and would execute commands pipelined before STARTTLS.
+
+Commands are read from a bounded buffer and end only at CRLF; a command that
+must wait (the spool commit after DATA) pauses the reading of the commands
+pipelined behind it, so replies keep their order (RFC 2920). Recipients are
+routed at RCPT time (relaygw.routing); DATA is streamed to the spool through
+relaygw.datareader and answered 250 only after the commit is durable.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaygw import replies
+from relaygw.addresses import AddressError, Mailbox, parse_params, parse_path
+from relaygw.addresses import split_path_and_params as split_path
+from relaygw.config import Config
+from relaygw.datareader import DataError, DataReader
+from relaygw.envelope import Envelope, Recipient
+from relaygw.logs import MailLog
+from relaygw.routing import Refusal, Router
+from relaygw.spool import Incoming, Spool
+
+MAX_COMMAND_LINE = 1000      # octets before CRLF; RFC 5321 allows 512, extensions more
+MAX_ERRORS = 20              # Postfix's smtpd_hard_error_limit
+PAUSE_BUFFER = 256 * 1024    # stop reading while a commit is pending and this much waits
+
+
+class Gateway(TypingProtocol):
+    """What a session needs from the running gateway (service.py provides it)."""
+
+    config: Config
+    router: Router
+    spool: Spool
+    clock: IReactorTime
+    maillog: MailLog
+    connections: ConnectionLimiter
+
+    def accepted(self, envelope: Envelope) -> None: ...
+    def etrn(self, domain: str) -> None: ...
+
+
+@dataclass
+class ConnectionLimiter:
+    """Counts sessions in all and per client address, across every listener."""
+
+    total: int = 0
+    per_client: Counter[str] = field(default_factory=Counter)
+
+    def admit(self, client: str, max_total: int, max_per_client: int) -> bool:
+        if self.total >= max_total or self.per_client[client] >= max_per_client:
+            return False
+        self.total += 1
+        self.per_client[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+
+
+@dataclass
+class Transaction:
+    sender: str
+    recipients: list[Recipient] = field(default_factory=list)
+    given: list[str] = field(default_factory=list)  # RCPT addresses as accepted
+    declared_size: int | None = None
+
+
+class SMTPServerProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, gateway: Gateway, kind: str, listener: str) -> None:
+        self.gateway = gateway
+        self.kind = kind
+        self.listener = listener
+        self.client_host = "unknown"
+        self.admitted = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls_active = kind == "submissions"
+        self.authenticated_user: str | None = None
+        self.transaction: Transaction | None = None
+        self.errors = 0
+        self.closing = False
+        self._buffer = bytearray()
+        self._discarding_long_line = False
+        self._busy = False
+        self._paused = False
+        self._reader: DataReader | None = None
+        self._incoming: Incoming | None = None
+        self._timer: IDelayedCall | None = None
+
+    # --- connection ------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.config
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_host = getattr(peer, "host", "unknown")
+        limits = self.config.limits
+        self.admitted = self.gateway.connections.admit(
+            self.client_host, limits.max_connections, limits.max_connections_per_client)
+        if not self.admitted:
+            self.gateway.maillog.reject(self.client_host, "CONNECT",
+                                        replies.too_many_connections(self.config.hostname),
+                                        "too_many_connections")
+            self._close_with(replies.too_many_connections(self.config.hostname))
+            return
+        self.gateway.maillog.connect(self.client_host, self.listener)
+        self._restart_timer()
+        self.reply(replies.banner(self.config.hostname))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._abort_data()
+        if self.admitted:
+            self.admitted = False
+            self.gateway.connections.release(self.client_host)
+            self.gateway.maillog.disconnect(self.client_host)
+
+    def reply(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8", "replace") + b"\r\n")
+
+    def _close_with(self, text: str) -> None:
+        self.reply(text)
+        self.closing = True
+        self.transport.loseConnection()
+
+    def _restart_timer(self) -> None:
+        timeout = self.config.limits.command_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.gateway.clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.gateway.maillog.reject(self.client_host, "TIMEOUT",
+                                    replies.timeout(self.config.hostname), "timeout")
+        self._close_with(replies.timeout(self.config.hostname))
+
+    @property
+    def trusted(self) -> bool:
+        return self.authenticated_user is not None or self.gateway.router.is_trusted(
+            self.client_host)
+
+    # --- input -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._restart_timer()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        while not self._busy and not self.closing and self._buffer:
+            if self._reader is not None:
+                leftover = self._reader.feed(bytes(self._buffer))
+                self._buffer.clear()
+                if leftover is None:
+                    return
+                self._buffer += leftover
+                self._end_of_data()
+                continue
+            line_end = self._buffer.find(b"\n")
+            if line_end < 0:
+                if len(self._buffer) > MAX_COMMAND_LINE + 2:
+                    self._buffer.clear()
+                    if not self._discarding_long_line:
+                        self._discarding_long_line = True
+                        self._error(replies.COMMAND_TOO_LONG)
+                return
+            line = bytes(self._buffer[: line_end + 1])
+            del self._buffer[: line_end + 1]
+            if self._discarding_long_line:
+                self._discarding_long_line = False
+                continue
+            if len(line) > MAX_COMMAND_LINE + 2:
+                self._error(replies.COMMAND_TOO_LONG)
+            elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                self._error(replies.BARE_NEWLINE_COMMAND)
+            else:
+                self._command(line[:-2])
+        if self._busy and len(self._buffer) > PAUSE_BUFFER and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _wait_for(self, d: Deferred[object]) -> None:
+        """Stop reading commands until ``d`` fires; then carry on with the buffer."""
+        self._busy = True
+
+        def done(_: object) -> None:
+            self._busy = False
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            if not self.closing:
+                self._process()
+
+        d.addErrback(lambda f: self.log.failure("session {client}: internal error", f,
+                                                client=self.client_host))
+        d.addBoth(done)
+
+    def _error(self, text: str) -> None:
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            self.reply(text)
+            self._close_with(replies.too_many_errors(self.config.hostname))
+        else:
+            self.reply(text)
+
+    # --- commands ----------------------------------------------------------------
+
+    def _command(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            # Only MAIL/RCPT could carry UTF-8 (SMTPUTF8, not offered).
+            line = raw.decode("utf-8", "replace")
+        verb, _, argument = line.partition(" ")
+        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            self._error(replies.UNKNOWN_COMMAND)
+            return
+        handler(argument.strip(" "))
+
+    def smtp_HELO(self, argument: str) -> None:
+        self._greet(argument, esmtp=False)
+
+    def smtp_EHLO(self, argument: str) -> None:
+        self._greet(argument, esmtp=True)
+
+    def _greet(self, argument: str, *, esmtp: bool) -> None:
+        if not argument or " " in argument:
+            self._error(replies.SYNTAX_HELO)
+            return
+        self.helo = argument[:255]
+        self.esmtp = esmtp
+        self.transaction = None
+        hostname = self.config.hostname
+        if not esmtp:
+            self.reply(f"250 {hostname}")
+            return
+        lines = [hostname, "PIPELINING", f"SIZE {self.config.limits.max_message_size}",
+                 "ETRN", *self._extensions(), "ENHANCEDSTATUSCODES", "8BITMIME"]
+        self.reply("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+
+    def _extensions(self) -> list[str]:
+        """Extensions that depend on TLS and AUTH (the security layer adds them)."""
+        return []
+
+    def smtp_MAIL(self, argument: str) -> None:
+        if self.helo is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self.kind != "smtp" and self.authenticated_user is None:
+            self._error(replies.AUTH_REQUIRED)
+            return
+        if self.transaction is not None:
+            self._error(replies.NESTED_MAIL)
+            return
+        if argument[:5].upper() != "FROM:":
+            self._error(replies.SYNTAX_MAIL)
+            return
+        try:
+            path, param_text = split_path(argument[5:])
+            sender = parse_path(path, allow_null=True)
+            params = parse_params(param_text)
+        except AddressError:
+            self._error(replies.BAD_SENDER)
+            return
+        declared = None
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    self._error(replies.BAD_PARAMETER)
+                    return
+                declared = int(value)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(replies.BAD_PARAMETER)
+                    return
+            else:
+                self._error(replies.UNKNOWN_PARAMETER)
+                return
+        if declared is not None and declared > self.config.limits.max_message_size:
+            self._reject("MAIL", replies.SIZE_EXCEEDED, "size", sender=str(sender or ""))
+            return
+        self.transaction = Transaction(sender=str(sender) if sender else "",
+                                       declared_size=declared)
+        self.reply(replies.SENDER_OK)
+
+    def smtp_RCPT(self, argument: str) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            self._error(replies.NEED_MAIL)
+            return
+        if argument[:3].upper() != "TO:":
+            self._error(replies.SYNTAX_RCPT)
+            return
+        try:
+            path, param_text = split_path(argument[3:])
+            if path[1:-1].lower() == "postmaster":  # RFC 5321 4.5.1: always accepted
+                mailbox = Mailbox("postmaster", self.config.hostname.lower())
+            else:
+                mailbox = parse_path(path, allow_null=False)  # type: ignore[assignment]
+            if parse_params(param_text):
+                self._error(replies.UNKNOWN_PARAMETER.replace("MAIL", "RCPT"))
+                return
+        except AddressError:
+            self._reject("RCPT", replies.BAD_RECIPIENT, "syntax", recipient=argument[3:])
+            return
+        if len(transaction.given) >= self.config.limits.max_recipients:
+            self._reject("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
+                         recipient=str(mailbox))
+            return
+        outcome = self.gateway.router.route_recipient(mailbox, self.trusted)
+        if isinstance(outcome, Refusal):
+            self._reject("RCPT", outcome.reply, outcome.reason, recipient=str(mailbox))
+            return
+        transaction.given.append(str(mailbox))
+        known = {r.address.lower() for r in transaction.recipients}
+        for recipient in outcome:  # the same final address twice is delivered once
+            if recipient.address.lower() not in known:
+                known.add(recipient.address.lower())
+                transaction.recipients.append(recipient)
+        self.reply(replies.RECIPIENT_OK)
+
+    def _reject(self, command: str, reply: str, reason: str, *, sender: str | None = None,
+                recipient: str | None = None) -> None:
+        sender = sender if sender is not None else (
+            self.transaction.sender if self.transaction else None)
+        self.gateway.maillog.reject(self.client_host, command, reply, reason, sender=sender,
+                                    recipient=recipient)
+        self._error(reply)
+
+    def smtp_DATA(self, argument: str) -> None:
+        if argument:
+            self._error(replies.SYNTAX_NO_ARGS)
+            return
+        if self.transaction is None:
+            self._error(replies.NEED_MAIL)
+            return
+        if not self.transaction.recipients:
+            self._error(replies.NEED_RCPT)
+            return
+        try:
+            self._incoming = self.gateway.spool.open_incoming()
+            self._incoming.write(self._received_header(self._incoming.id))
+        except OSError as e:
+            self._abort_data()
+            self._reject("DATA", self._storage_reply(e), "storage")
+            self.transaction = None
+            return
+        self._reader = DataReader(self._incoming.write, self.config.limits.max_message_size)
+        self.reply(replies.START_DATA)
+
+    def _received_header(self, queue_id: str) -> bytes:
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.esmtp and self.tls_active:
+            protocol += "S"
+        if self.esmtp and self.authenticated_user is not None:
+            protocol += "A"
+        assert self.transaction is not None
+        given = self.transaction.given
+        recipient = f"\r\n\tfor <{given[0]}>" if len(given) == 1 else ""
+        date = format_datetime(datetime.fromtimestamp(time.time(), UTC).astimezone())
+        return (f"Received: from {self.helo} ([{self.client_host}])\r\n"
+                f"\tby {self.config.hostname} (relaygw) with {protocol} id {queue_id}"
+                f"{recipient}; {date}\r\n").encode("utf-8", "replace")
+
+    def _end_of_data(self) -> None:
+        reader, incoming, transaction = self._reader, self._incoming, self.transaction
+        assert reader is not None and incoming is not None and transaction is not None
+        self._reader = None
+        self._incoming = None
+        self.transaction = None
+        refusal = self._refusal(reader)
+        if refusal is not None:
+            self.gateway.spool.discard(incoming)
+            self._reject("DATA", refusal[0], refusal[1], sender=transaction.sender,
+                         recipient=",".join(transaction.given))
+            return
+        envelope = Envelope(id=incoming.id, sender=transaction.sender,
+                            recipients=transaction.recipients,
+                            received=self.gateway.clock.seconds(),
+                            client_address=self.client_host, helo=self.helo or "")
+        d = self.gateway.spool.commit(incoming, envelope)
+
+        def committed(_: object) -> None:
+            self.gateway.maillog.received(envelope, self.client_host)
+            self.gateway.accepted(envelope)
+            if not self.closing:
+                self.reply(replies.queued(envelope.id))
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            reply = self._storage_reply(error) if isinstance(error, OSError) else \
+                replies.LOCAL_ERROR
+            self.log.error("spool commit failed for {id}: {error}", id=incoming.id,
+                           error=error)
+            self._reject("DATA", reply, "storage", sender=transaction.sender)
+
+        d.addCallbacks(committed, failed)
+        self._wait_for(d)
+
+    def _refusal(self, reader: DataReader) -> tuple[str, str] | None:
+        if reader.error is DataError.BARE_NEWLINE:
+            return replies.BARE_NEWLINE_DATA, "bare_newline"
+        if reader.error is DataError.LINE_TOO_LONG:
+            return replies.DATA_LINE_TOO_LONG, "line_too_long"
+        if reader.error is DataError.TOO_BIG:
+            return replies.SIZE_EXCEEDED, "size"
+        if reader.error is DataError.WRITE_FAILED:
+            assert reader.write_error is not None
+            return self._storage_reply(reader.write_error), "storage"
+        if reader.received_headers > self.config.limits.max_hops:
+            return replies.TOO_MANY_HOPS, "hops"
+        return None
+
+    @staticmethod
+    def _storage_reply(error: OSError) -> str:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return replies.NO_STORAGE
+        return replies.LOCAL_ERROR
+
+    def _abort_data(self) -> None:
+        if self._incoming is not None:
+            self.gateway.spool.discard(self._incoming)
+            self._incoming = None
+        self._reader = None
+
+    def smtp_RSET(self, argument: str) -> None:
+        self.transaction = None
+        self.reply(replies.OK)
+
+    def smtp_NOOP(self, argument: str) -> None:
+        self.reply(replies.OK)
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._close_with(replies.BYE)
+
+    def smtp_HELP(self, argument: str) -> None:
+        self.reply(replies.HELP)
+
+    def smtp_VRFY(self, argument: str) -> None:
+        if not argument:
+            self._error("501 5.5.4 Syntax: VRFY address")
+            return
+        self.reply(replies.VRFY)
+
+    def smtp_EXPN(self, argument: str) -> None:
+        self._error(replies.NOT_IMPLEMENTED)
+
+    def smtp_TURN(self, argument: str) -> None:
+        self._error(replies.TURN_REFUSED)
+
+    def smtp_ETRN(self, argument: str) -> None:
+        if self.helo is None:
+            self._error(replies.NEED_HELO)
+            return
+        if not self.trusted:
+            self._reject("ETRN", replies.ETRN_DENIED, "etrn_denied")
+            return
+        domain = argument.lstrip("@#").strip().lower()
+        if not domain or " " in domain:
+            self._error(replies.SYNTAX_ETRN)
+            return
+        self.gateway.etrn(domain)
+        self.reply(replies.ETRN_STARTED)
+
+    def smtp_STARTTLS(self, argument: str) -> None:
+        self._error(replies.TLS_UNAVAILABLE)
+
+    def smtp_AUTH(self, argument: str) -> None:
+        self._error(replies.NOT_IMPLEMENTED)
+
+
+class SMTPFactory(Factory):
+    """One per listener; every session shares the gateway."""
+
+    noisy = False
+
+    def __init__(self, gateway: Gateway, kind: str, listener: str) -> None:
+        self.gateway = gateway
+        self.kind = kind
+        self.listener = listener
+
+    def buildProtocol(self, addr: object) -> SMTPServerProtocol:
+        protocol = SMTPServerProtocol(self.gateway, self.kind, self.listener)
+        protocol.factory = self
+        return protocol

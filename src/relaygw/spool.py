@@ -1,0 +1,251 @@
+"""The durable queue: one message file and one envelope file per queue entry.
+
+Layout of ``[queue] directory`` (mode 0700, files 0600)::
+
+    ID.msg        the message as received (CRLF, not dot-stuffed, Received: first)
+    ID.env        the envelope as JSON (relaygw.envelope); its presence makes the
+                  entry exist
+    tmp-ID[.env]  being written; removed at start-up
+
+Commit order: message written and fsynced, envelope written to a temp file and
+fsynced, message renamed, envelope renamed, directory fsynced. Only then does
+the SMTP server answer 250. A crash at any point leaves either a complete
+entry or files that ``recover`` removes: an entry is visibly complete or
+ignored. Removal unlinks the envelope first, so a half-removed entry is
+ignored too.
+
+All blocking work runs through ``run_blocking`` (a thread pool in
+production, a direct call in unit tests); the OS calls go through an
+injectable ``os`` stand-in so tests can make writes fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from relaygw.envelope import Envelope
+
+T = TypeVar("T")
+BUFFER_LIMIT = 64 * 1024
+_ids = itertools.count()
+
+
+class BlockingRunner(Protocol):
+    def __call__(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
+
+
+def new_queue_id() -> str:
+    """Unique, sortable by arrival, safe as a file name: 11 hex digits of
+    microseconds, then a counter and randomness against collisions across
+    restarts and instances sharing nothing."""
+    micros = time.time_ns() // 1000
+    return f"{micros:013X}{next(_ids) % 4096:03X}{secrets.randbelow(4096):03X}"
+
+
+def is_queue_id(text: str) -> bool:
+    return len(text) == 19 and all(c in "0123456789ABCDEF" for c in text)
+
+
+class Incoming:
+    """A message being received: bytes buffered, written in big blocks."""
+
+    def __init__(self, spool: Spool, queue_id: str, fd: int) -> None:
+        self.spool = spool
+        self.id = queue_id
+        self.fd = fd
+        self.size = 0
+        self._buffer = bytearray()
+        self.closed = False
+
+    @property
+    def temp_path(self) -> Path:
+        return self.spool.directory / f"tmp-{self.id}"
+
+    def write(self, data: bytes) -> None:
+        """Raises OSError (ENOSPC, EIO, ...) as soon as the OS reports it."""
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= BUFFER_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self.spool._write_all(self.fd, self._buffer)
+            del self._buffer[:]
+
+
+class Spool:
+    log = Logger()
+
+    def __init__(self, directory: Path, run_blocking: BlockingRunner, os_module: Any = os) -> None:
+        self.directory = Path(directory)
+        self.run_blocking = run_blocking
+        self.os = os_module
+
+    # --- start-up --------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the directory (0700) and remove what a crash left half-written."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def recover(self) -> Iterator[Envelope]:
+        """Yield every complete entry; remove temp files and orphaned messages."""
+        names = set(os.listdir(self.directory))
+        for name in sorted(names):
+            path = self.directory / name
+            if name.startswith("tmp-"):
+                self._unlink_quietly(path)
+            elif name.endswith(".msg") and f"{name[:-4]}.env" not in names:
+                self.log.warn("spool: removing {name}: its envelope was never committed",
+                              name=name)
+                self._unlink_quietly(path)
+        for name in sorted(names):
+            if not name.endswith(".env") or name.startswith("tmp-"):
+                continue
+            queue_id = name[:-4]
+            try:
+                if f"{queue_id}.msg" not in names:
+                    raise ValueError("message file missing")
+                envelope = Envelope.from_bytes((self.directory / name).read_bytes())
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                self._quarantine(queue_id, str(e))
+                continue
+            yield envelope
+
+    def _quarantine(self, queue_id: str, problem: str) -> None:
+        """Keep an unreadable entry for the operator instead of deleting mail."""
+        corrupt = self.directory / "corrupt"
+        corrupt.mkdir(mode=0o700, exist_ok=True)
+        for suffix in (".env", ".msg"):
+            source = self.directory / f"{queue_id}{suffix}"
+            if source.exists():
+                os.replace(source, corrupt / source.name)
+        self.log.error("spool: {id} set aside in corrupt/: {problem}", id=queue_id,
+                       problem=problem)
+
+    # --- receiving -------------------------------------------------------------
+
+    def open_incoming(self) -> Incoming:
+        while True:
+            queue_id = new_queue_id()
+            try:
+                fd = self.os.open(self.directory / f"tmp-{queue_id}",
+                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            return Incoming(self, queue_id, fd)
+
+    def discard(self, incoming: Incoming) -> None:
+        """Forget a message that will not be queued (refused, or the client left)."""
+        if not incoming.closed:
+            incoming.closed = True
+            self._close_quietly(incoming.fd)
+        self._unlink_quietly(incoming.temp_path)
+
+    def commit(self, incoming: Incoming, envelope: Envelope) -> Deferred[None]:
+        """Make the message and its envelope durable; fires when 250 may be said."""
+        envelope.size = incoming.size
+        return self.run_blocking(self._commit, incoming, envelope.to_bytes())
+
+    def _commit(self, incoming: Incoming, envelope_bytes: bytes) -> None:
+        final_msg = self.message_path(incoming.id)
+        env_temp = self.directory / f"tmp-{incoming.id}.env"
+        try:
+            incoming.flush()
+            self.os.fsync(incoming.fd)
+            incoming.closed = True
+            self.os.close(incoming.fd)
+            self._write_file(env_temp, envelope_bytes)
+            self.os.rename(incoming.temp_path, final_msg)
+            self.os.rename(env_temp, self.envelope_path(incoming.id))
+            self._fsync_directory()
+        except BaseException:
+            if not incoming.closed:
+                incoming.closed = True
+                self._close_quietly(incoming.fd)
+            for path in (self.envelope_path(incoming.id), env_temp, final_msg,
+                         incoming.temp_path):
+                self._unlink_quietly(path)
+            raise
+
+    # --- the queue's life ------------------------------------------------------
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}.msg"
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}.env"
+
+    def save(self, envelope: Envelope) -> Deferred[None]:
+        """Atomically rewrite an envelope after a delivery attempt."""
+        return self.run_blocking(self._save, envelope.id, envelope.to_bytes())
+
+    def _save(self, queue_id: str, envelope_bytes: bytes) -> None:
+        temp = self.directory / f"tmp-{queue_id}.env"
+        try:
+            self._write_file(temp, envelope_bytes)
+            self.os.rename(temp, self.envelope_path(queue_id))
+            self._fsync_directory()
+        except BaseException:
+            self._unlink_quietly(temp)
+            raise
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        return self.run_blocking(self._remove, queue_id)
+
+    def _remove(self, queue_id: str) -> None:
+        self._unlink_quietly(self.envelope_path(queue_id))
+        self._unlink_quietly(self.message_path(queue_id))
+
+    def load(self, queue_id: str) -> Envelope:
+        return Envelope.from_bytes(self.envelope_path(queue_id).read_bytes())
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _write_all(self, fd: int, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            written = self.os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.EIO, "short write")
+            view = view[written:]
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self._write_all(fd, data)
+            self.os.fsync(fd)
+        finally:
+            self.os.close(fd)
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _close_quietly(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _unlink_quietly(self, path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.log.warn("spool: cannot remove {path}: {error}", path=str(path), error=e)
