@@ -8,6 +8,7 @@ because twistd enters ``--rundir`` only after the service is built.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -17,12 +18,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from relaygw.addresses import AddressError, parse_mailbox
+from relaygw.bounce import MAX_QUOTED_HEADERS, build_bounce, header_block
 from relaygw.config import Config
 from relaygw.delivery.maildir import MaildirDeliverer
-from relaygw.envelope import Envelope
+from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
 from relaygw.logs import MailLog
-from relaygw.routing import Router
+from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
 from relaygw.spool import BlockingRunner, Spool
@@ -55,8 +58,9 @@ class Gateway(Service):
         self.spool = Spool(config.queue.directory, run_blocking)
         if deliverers is None:
             deliverers = default_deliverers(config, reactor, run_blocking)
+        self.run_blocking = run_blocking
         self.scheduler = Scheduler(self.spool, deliverers, reactor, config.queue,
-                                   on_event=self.maillog.outcome)
+                                   bouncer=self.bounce, on_event=self.maillog.outcome)
 
     def startService(self) -> None:
         super().startService()
@@ -82,6 +86,54 @@ class Gateway(Service):
 
     def etrn(self, domain: str) -> None:
         self.scheduler.flush(domain=domain)
+
+    def inject(self, sender: str, recipients: list[Recipient], data: bytes) -> Deferred[str]:
+        """Queue a message we generate ourselves (bounces): same spool, same rules."""
+        incoming = self.spool.open_incoming()
+        try:
+            incoming.write(data)
+        except OSError:
+            self.spool.discard(incoming)
+            raise
+        envelope = Envelope(id=incoming.id, sender=sender, recipients=recipients,
+                            received=self.clock.seconds(), client_address="127.0.0.1",
+                            helo=self.config.hostname)
+        d = self.spool.commit(incoming, envelope)
+
+        def committed(_: object) -> str:
+            self.maillog.received(envelope, "local")
+            self.scheduler.enqueue(envelope)
+            return envelope.id
+
+        return d.addCallback(committed)
+
+    def bounce(self, envelope: Envelope, failed: list[Recipient]) -> Deferred[object]:
+        return Deferred.fromCoroutine(self._bounce(envelope, failed))
+
+    async def _bounce(self, envelope: Envelope, failed: list[Recipient]) -> None:
+        if not envelope.sender:
+            return  # never bounce a bounce
+        try:
+            sender = parse_mailbox(envelope.sender)
+        except AddressError:
+            self.log.warn("{id}: cannot bounce to <{sender}>: bad address", id=envelope.id,
+                          sender=envelope.sender)
+            return
+        routed = self.router.route_recipient(sender, trusted=True)
+        if isinstance(routed, Refusal):
+            self.log.warn("{id}: cannot bounce to <{sender}>: {reply}", id=envelope.id,
+                          sender=envelope.sender, reply=routed.reply)
+            return
+        headers = await self.run_blocking(_read_headers, self.spool.message_path(envelope.id))
+        data = build_bounce(envelope, failed, headers, self.config.hostname,
+                            self.clock.seconds())
+        bounce_id = await self.inject("", routed, data)
+        self.maillog.bounce_queued(envelope, bounce_id)
+
+
+def _read_headers(path: Path) -> bytes:
+    with open(path, "rb") as message:
+        return header_block(message.read(MAX_QUOTED_HEADERS + 4))
 
 
 def default_deliverers(config: Config, reactor: Any,
