@@ -1,0 +1,214 @@
+"""relaygwctl: the operator's tool (check, route, queue).
+
+Exit status: 0 success, 1 a failure explained in one line, 2 bad usage
+(argparse's own convention). ``--config FILE`` may stand before or after the
+subcommand. Queue commands read the spool directly; the envelope files are
+rewritten after every attempt, so they are what the daemon knows, less the
+deliveries in flight at this very moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from relaygw.addresses import AddressError, parse_mailbox
+from relaygw.aliases import expand
+from relaygw.config import Config, ConfigError, load_config
+from relaygw.envelope import Envelope
+from relaygw.routing import Refusal, Router
+from relaygw.spool import is_queue_id
+
+
+class Failure(Exception):
+    """A one-line explanation; exit status 1."""
+
+
+def _rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> None:
+    print(f"config: {config.source}: ok")
+    print(f"hostname: {config.hostname}")
+    for listener in config.listeners:
+        print(f"listener: {listener.endpoint} ({listener.kind})")
+    limits = config.limits
+    print(f"limits: max_message_size={limits.max_message_size} "
+          f"max_recipients={limits.max_recipients} max_connections={limits.max_connections} "
+          f"max_connections_per_client={limits.max_connections_per_client} "
+          f"command_timeout={limits.command_timeout:g}s max_hops={limits.max_hops}")
+    print("trusted_networks: " + ", ".join(str(n) for n in config.relay.trusted_networks))
+    queue = config.queue
+    print(f"queue: {queue.directory} retry_schedule="
+          + ",".join(f"{d:g}s" for d in queue.retry_schedule)
+          + f" max_age={queue.max_age:g}s concurrency={queue.concurrency}"
+          f" per_destination={queue.per_destination}")
+    for index, route in enumerate(config.routes, 1):
+        detail = ""
+        if route.action == "local":
+            detail = f" maildir={route.maildir}"
+            if route.mailboxes is not None:
+                detail += " mailboxes=" + ",".join(sorted(route.mailboxes))
+        elif route.action == "relay":
+            hop = f"{route.via[0]}:{route.via[1]}" if route.via else "MX"
+            detail = f" via={hop} tls={route.tls or config.relay.tls}"
+        print(f"route {index}: {','.join(route.domains)} -> {route.action}"
+              f" (accept_from={route.accept_from}){detail}")
+    for key, targets in config.aliases.items():
+        print(f"alias: {key} -> {', '.join(targets)}")
+
+
+def cmd_route(config: Config, args: argparse.Namespace) -> None:
+    try:
+        mailbox = parse_mailbox(args.address)
+    except AddressError as e:
+        raise Failure(f"bad address {args.address!r}: {e}") from None
+    router = Router(config)
+    targets = expand(config.aliases, mailbox)
+    if targets is not None:
+        print(f"aliases: {mailbox} -> {', '.join(str(t) for t in targets)}")
+    for trusted in (True, False):
+        who = "trusted client" if trusted else "untrusted client"
+        outcome = router.route_recipient(mailbox, trusted)
+        if isinstance(outcome, Refusal):
+            print(f"{who}: refused at RCPT: {outcome.reply}")
+            continue
+        for recipient in outcome:
+            route = router.find_route(recipient.domain)
+            assert route is not None
+            index = config.routes.index(route) + 1
+            line = f"{who}: {recipient.address}: route {index} ({','.join(route.domains)})"
+            if recipient.action == "local":
+                line += f" -> local maildir {recipient.maildir}"
+            else:
+                hop = (f"smarthost {route.via[0]}:{route.via[1]}" if route.via
+                       else f"MX lookup for {recipient.domain} (port {config.relay.mx_port})")
+                line += f" -> relay via {hop}, tls {route.tls or config.relay.tls}"
+            print(line)
+
+
+def _load_queue(config: Config) -> list[Envelope]:
+    directory = config.queue.directory
+    if not directory.is_dir():
+        return []
+    envelopes = []
+    for path in sorted(directory.glob("*.env")):
+        if path.name.startswith("tmp-") or not is_queue_id(path.stem):
+            continue
+        try:
+            envelopes.append(Envelope.from_bytes(path.read_bytes()))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # removed meanwhile, or being rewritten
+    return envelopes
+
+
+def _queue_entry(envelope: Envelope) -> dict[str, object]:
+    return {
+        "id": envelope.id,
+        "sender": envelope.sender,
+        "received": _rfc3339(envelope.received),
+        "size": envelope.size,
+        "held": envelope.held,
+        "recipients": [
+            {"address": r.address, "state": str(r.state), "attempts": r.attempts,
+             "next_attempt": _rfc3339(r.next_attempt), "last_error": r.last_error}
+            for r in envelope.pending
+        ],
+    }
+
+
+def cmd_queue_list(config: Config, args: argparse.Namespace) -> None:
+    entries = [_queue_entry(e) for e in _load_queue(config)]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    now = time.time()
+    if not entries:
+        print("queue is empty")
+        return
+    for envelope, entry in zip(_load_queue(config), entries, strict=False):
+        age = int(now - envelope.received)
+        held = " HELD" if envelope.held else ""
+        print(f"{entry['id']}{held}  {envelope.size:>8}  {age:>6}s  <{envelope.sender}>")
+        for rcpt in envelope.pending:
+            nxt = _rfc3339(rcpt.next_attempt) or "now"
+            print(f"    {rcpt.address}  {rcpt.state}  attempts={rcpt.attempts}  next={nxt}"
+                  + (f"  ({rcpt.last_error})" if rcpt.last_error else ""))
+    print(f"-- {len(entries)} messages")
+
+
+def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
+    if not is_queue_id(args.id):
+        raise Failure(f"not a queue id: {args.id}")
+    directory = config.queue.directory
+    try:
+        envelope = Envelope.from_bytes((directory / f"{args.id}.env").read_bytes())
+        with open(directory / f"{args.id}.msg", "rb") as message:
+            head = message.read(256 * 1024)
+    except FileNotFoundError:
+        raise Failure(f"no such message in the queue: {args.id}") from None
+    entry = _queue_entry(envelope)
+    entry["recipients"] = [
+        {"address": r.address, "original": r.original, "state": str(r.state),
+         "attempts": r.attempts, "next_attempt": _rfc3339(r.next_attempt),
+         "last_error": r.last_error, "remote": r.remote} for r in envelope.recipients]
+    entry["client"] = envelope.client_address
+    entry["helo"] = envelope.helo
+    print(json.dumps(entry, indent=2))
+    print()
+    end = head.find(b"\r\n\r\n")
+    print(head[: end if end >= 0 else len(head)].decode("utf-8", "replace")
+          .replace("\r\n", "\n"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML configuration (default: the embedded one)")
+    parser = argparse.ArgumentParser(prog="relaygwctl", parents=[common],
+                                     description="Operate a relaygw gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser("check", parents=[common],
+                                help="validate the config and print what it means")
+    check.set_defaults(run=cmd_check)
+    route = commands.add_parser("route", parents=[common],
+                                help="show the route, action and next hop of an address")
+    route.add_argument("address")
+    route.set_defaults(run=cmd_route)
+    queue = commands.add_parser("queue", parents=[common], help="inspect the queue")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True,
+                                          metavar="QUEUE_COMMAND")
+    listing = queue_commands.add_parser("list", parents=[common], help="list queued messages")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing.set_defaults(run=cmd_queue_list)
+    show = queue_commands.add_parser("show", parents=[common],
+                                     help="envelope, state and headers of one message")
+    show.add_argument("id")
+    show.set_defaults(run=cmd_queue_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None))
+        args.run(config, args)
+    except (ConfigError, Failure) as e:
+        print(f"relaygwctl: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"relaygwctl: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
