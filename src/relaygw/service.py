@@ -13,8 +13,9 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -70,16 +71,31 @@ class Gateway(Service):
             self.log.info("spool: resuming {count} queued messages", count=len(recovered))
         self.scheduler.start(recovered)
 
-    def stopService(self) -> Deferred[object]:
+    def stopService(self) -> Deferred[None]:
+        """SIGTERM: the listeners have stopped (they stop first); sessions finish
+        their transaction in flight, deliveries in flight are recorded, within
+        SHUTDOWN_GRACE; what is left then is cut (the spool stays consistent)."""
         super().stopService()
-        d = self.scheduler.stop()
-        timeout = self.reactor.callLater(SHUTDOWN_GRACE, d.cancel)
+        return Deferred.fromCoroutine(self._shutdown())
 
-        def done(result: object) -> None:
-            if timeout.active():
-                timeout.cancel()
-
-        return d.addBoth(done)
+    async def _shutdown(self) -> None:
+        deadline = self.reactor.seconds() + SHUTDOWN_GRACE
+        sessions = self.connections.sessions
+        for session in list(sessions):
+            session.drain()
+        while sessions and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05, lambda: None)
+        for session in list(sessions):
+            session.transport.abortConnection()
+        in_flight = self.scheduler.stop()
+        timeout = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
+                                         in_flight.cancel)
+        try:
+            await in_flight
+        except CancelledError:
+            self.log.warn("shutdown: deliveries still in flight were cut; they will be retried")
+        if timeout.active():
+            timeout.cancel()
 
     def accepted(self, envelope: Envelope) -> None:
         self.scheduler.enqueue(envelope)

@@ -62,6 +62,7 @@ class ConnectionLimiter:
 
     total: int = 0
     per_client: Counter[str] = field(default_factory=Counter)
+    sessions: set[SMTPServerProtocol] = field(default_factory=set)
 
     def admit(self, client: str, max_total: int, max_per_client: int) -> bool:
         if self.total >= max_total or self.per_client[client] >= max_per_client:
@@ -108,6 +109,7 @@ class SMTPServerProtocol(Protocol):
         self._reader: DataReader | None = None
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
+        self.draining = False
 
     # --- connection ------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class SMTPServerProtocol(Protocol):
                                         "too_many_connections")
             self._close_with(replies.too_many_connections(self.config.hostname))
             return
+        self.gateway.connections.sessions.add(self)
         self.gateway.maillog.connect(self.client_host, self.listener)
         self._restart_timer()
         self.reply(replies.banner(self.config.hostname))
@@ -139,10 +142,21 @@ class SMTPServerProtocol(Protocol):
         if self.admitted:
             self.admitted = False
             self.gateway.connections.release(self.client_host)
+            self.gateway.connections.sessions.discard(self)
             self.gateway.maillog.disconnect(self.client_host)
 
     def reply(self, text: str) -> None:
         self.transport.write(text.encode("utf-8", "replace") + b"\r\n")
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else once the transaction in flight ends."""
+        self.draining = True
+        self._finish_draining()
+
+    def _finish_draining(self) -> None:
+        if (self.draining and not self.closing and self.transaction is None
+                and self._reader is None and not self._busy):
+            self._close_with(replies.shutting_down(self.config.hostname))
 
     def _close_with(self, text: str) -> None:
         self.reply(text)
@@ -205,6 +219,7 @@ class SMTPServerProtocol(Protocol):
                 self._error(replies.BARE_NEWLINE_COMMAND)
             else:
                 self._command(line[:-2])
+        self._finish_draining()
         if self._busy and len(self._buffer) > PAUSE_BUFFER and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
@@ -220,6 +235,7 @@ class SMTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
             if not self.closing:
                 self._process()
+                self._finish_draining()
 
         d.addErrback(lambda f: self.log.failure("session {client}: internal error", f,
                                                 client=self.client_host))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from relaygw.config import Config, ConfigError, load_config
@@ -30,4 +34,16 @@ def makeService(options: Options) -> IService:
 
     from relaygw.service import build_service
 
+    reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
     return build_service(options.loaded, reactor)
+
+
+def _stop_cleanly_on_sigterm(reactor: Any) -> None:
+    """An operator's stop is a clean shutdown that exits 0 (as ``postfix stop`` does),
+    not, as twistd would report it, a death by SIGTERM."""
+
+    def on_sigterm(number: int, frame: object) -> None:
+        Logger().info("received SIGTERM: stopping after the work in flight")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
