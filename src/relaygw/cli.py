@@ -72,7 +72,10 @@ def cmd_route(config: Config, args: argparse.Namespace) -> None:
     except AddressError as e:
         raise Failure(f"bad address {args.address!r}: {e}") from None
     router = Router(config)
-    targets = expand(config.aliases, mailbox)
+    try:
+        targets = expand(config.aliases, mailbox)
+    except AddressError as e:
+        raise Failure(f"{mailbox}: an alias makes a bad address: {e}") from None
     if targets is not None:
         print(f"aliases: {mailbox} -> {', '.join(str(t) for t in targets)}")
     for trusted in (True, False):

@@ -194,6 +194,12 @@ def check_endpoint(description: str) -> None:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
+    if description.startswith("systemd:"):
+        # Parsing it needs the sockets systemd passes (LISTEN_FDS), which exist
+        # only under systemd; `relaygwctl check` must still accept the file.
+        if not re.fullmatch(r"systemd:(?:[a-zA-Z]+=[^:]+)(?::[a-zA-Z]+=[^:]+)*", description):
+            raise ValueError(f"endpoint {description!r} does not parse")
+        return
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as e:
@@ -304,10 +310,14 @@ def _path(value: object) -> Path:
 
 
 def _domain_pattern(value: str) -> str:
+    if value.strip().endswith("*."):
+        raise ValueError(f"bad domain pattern {value!r} (exact, \"*.suffix\" or \"*\")")
     pattern = value.strip().lower().rstrip(".")
     body = pattern[2:] if pattern.startswith("*.") else pattern
     if pattern == "*":
         return pattern
+    if pattern.startswith("*") and not pattern.startswith("*."):
+        raise ValueError(f"bad domain pattern {value!r} (exact, \"*.suffix\" or \"*\")")
     if not body or not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", body):
         raise ValueError(f"bad domain pattern {value!r} (exact, \"*.suffix\" or \"*\")")
     return pattern
@@ -476,10 +486,13 @@ def _queue(source: str, data: dict[str, Any]) -> QueueConfig:
             raise table.error("retry_schedule", "needs at least one duration")
         if any(delay <= 0 for delay in schedule):
             raise table.error("retry_schedule", "every delay must be longer than zero")
+    max_age = table.convert("max_age", _duration, d.max_age)
+    if max_age <= 0:
+        raise table.error("max_age", "must be longer than zero")
     return QueueConfig(
         directory=table.convert("directory", _path, d.directory),
         retry_schedule=schedule,
-        max_age=table.convert("max_age", _duration, d.max_age),
+        max_age=max_age,
         concurrency=table.positive_int("concurrency", d.concurrency),
         per_destination=table.positive_int("per_destination", d.per_destination),
     )

@@ -23,6 +23,8 @@ from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.bounce import MAX_QUOTED_HEADERS, build_bounce, header_block
 from relaygw.config import Config
 from relaygw.delivery.maildir import MaildirDeliverer
+from relaygw.delivery.smtp import SMTPRelayDeliverer
+from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
 from relaygw.logs import MailLog
@@ -159,9 +161,7 @@ def default_deliverers(config: Config, reactor: Any,
 
 
 def relay_deliverer(config: Config, reactor: Any) -> IDeliverer:
-    from relaygw.delivery.unavailable import UnavailableDeliverer
-
-    return UnavailableDeliverer()
+    return SMTPRelayDeliverer(config, reactor, build_resolver(config.dns, reactor))
 
 
 def build_service(config: Config, reactor: Any,

@@ -1,0 +1,372 @@
+"""The wire side of the outbound SMTP client: replies, timeouts, dot-stuffed streaming.
+
+This module knows SMTP syntax, not policy: ``SMTPClientProtocol`` sends
+command lines and hands back each ``Reply`` in order through a Deferred that
+carries its own RFC 5321 section 4.5.3.2 timeout; the dialogue (EHLO, STARTTLS,
+pipelining, what a reply means for a recipient) lives in ``delivery.smtp``.
+Waiting for the next reply is all the sequential code needs, so it can be an
+``async def`` instead of a state machine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds to wait; defaults are RFC 5321 section 4.5.3.2's minimums."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    command: float = 300.0      # EHLO, HELO, STARTTLS, AUTH, RSET
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0   # each chunk of the message must leave within this
+    data_end: float = 600.0     # the reply to the final dot
+    quit: float = 30.0
+
+
+class SMTPTimeout(Exception):
+    """No reply (or no progress sending data) within the allowed time."""
+
+
+class SMTPConnectionLost(ConnectionLost):
+    """The connection went away while we waited; ``reason`` is why, as the transport said."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(None, message)
+        self.reason = reason or message
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "connection lost"
+
+
+class SMTPProtocolError(Exception):
+    """The server said something that is not an SMTP reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def positive(self) -> bool:
+        """2xx: done. (354 is checked for by name where it is expected.)"""
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        """The reply as the server sent it, lines joined by spaces (as Postfix logs it)."""
+        last = len(self.lines) - 1
+        return " ".join(f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
+                        for i, line in enumerate(self.lines))
+
+
+class DotStuffer:
+    """Turns message bytes into DATA bytes: CRLF line ends, leading dots doubled.
+
+    Bare CR or LF become CRLF, so nothing we send can be read as an early
+    ``<LF>.<LF>`` end of data by a lenient server (SMTP smuggling). Works on
+    chunks of any size: a CR at the end of one chunk waits for the next.
+    """
+
+    _LINE_END = re.compile(rb"\r\n|\r|\n")
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._held_cr = False
+        self._empty = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        self._empty = False
+        out = self._LINE_END.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\r\n")
+        return out
+
+    def finish(self) -> bytes:
+        """What ends the DATA: a CRLF if the message lacked a final one, then ``.CRLF``."""
+        tail = b""
+        if self._held_cr:
+            self._held_cr = False
+            tail = b"\r\n"
+        elif not self._at_line_start and not self._empty:
+            tail = b"\r\n"
+        return tail + b".\r\n"
+
+
+@implementer(IPullProducer)
+class MessageProducer:
+    """Streams a message file, dot-stuffed, with backpressure from the transport.
+
+    ``done`` fires once the final ``.CRLF`` is written. ``on_progress`` is
+    called each time a chunk goes out, so the caller can restart its
+    data-block timer.
+    """
+
+    def __init__(self, source: BinaryIO, transport: object,
+                 on_progress: Callable[[], None] | None = None,
+                 chunk_size: int = CHUNK_SIZE) -> None:
+        self._source = source
+        self._transport = transport
+        self._on_progress = on_progress
+        self._chunk_size = chunk_size
+        self._stuffer = DotStuffer()
+        self.done: Deferred[None] = Deferred()
+        self._finished = False
+
+    def start(self) -> None:
+        self._transport.registerProducer(self, False)  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self._finished:
+            return
+        chunk = self._source.read(self._chunk_size)
+        if chunk:
+            data = self._stuffer.encode(chunk)
+        else:
+            data = self._stuffer.finish()
+            self._finished = True
+        if data:
+            self._transport.write(data)  # type: ignore[attr-defined]
+        if self._on_progress is not None:
+            self._on_progress()
+        if self._finished:
+            self._transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.done.callback(None)
+
+    def stopProducing(self) -> None:
+        self.fail(SMTPConnectionLost("connection lost while sending the message"))
+
+    def fail(self, reason: Exception) -> None:
+        if not self._finished:
+            self._finished = True
+            self.done.errback(reason)
+
+
+class SMTPClientProtocol(Protocol):
+    """Sends commands and returns the server's replies in order, each with a timeout.
+
+    Lines are taken off the buffer one at a time, so when a reply wakes its
+    caller, whatever the server sent after it is still visible
+    (``pending_input``): plain text after a STARTTLS 220 is an injection attempt.
+    """
+
+    MAX_LENGTH = 8192
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._buffer = b""
+        self._partial: list[str] = []
+        self._partial_code = 0
+        self._replies: deque[Reply] = deque()
+        self._waiters: deque[tuple[Deferred[Reply], IDelayedCall | None, str]] = deque()
+        self._lost: Failure | None = None
+        self._producer: MessageProducer | None = None
+        self._block_timer: IDelayedCall | None = None
+        self._block_timeout = Timeouts.data_block
+        self.tls_started = False
+        self.closed: Deferred[None] = Deferred()  # fires when the connection is gone
+
+    # --- connection -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        reason = reason or Failure(ConnectionDone())
+        self._lost = reason
+        self._cancel_block_timer()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter, timer, what in waiters:
+            if timer is not None and timer.active():
+                timer.cancel()
+            why = reason.getErrorMessage()
+            waiter.errback(Failure(SMTPConnectionLost(
+                f"connection lost waiting for the reply to {what}: {why}", why)))
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        self.closed.callback(None)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def pending_input(self) -> bool:
+        """Whether the server sent anything not yet asked for (a reply or part of one)."""
+        return bool(self._replies or self._partial or self._buffer)
+
+    def abort(self) -> None:
+        if self.transport is not None and self._lost is None:
+            self.transport.abortConnection()
+
+    # --- commands and replies ------------------------------------------------------
+
+    def send(self, *lines: bytes) -> None:
+        """Write command lines in one write (several at once is RFC 2920 pipelining)."""
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+
+    def expect(self, timeout: float, what: str = "command") -> Deferred[Reply]:
+        """The next reply not yet handed out; times out (and aborts) after ``timeout``."""
+        if self._replies:
+            return succeed(self._replies.popleft())
+        if self._lost is not None:
+            return fail(SMTPConnectionLost(f"connection lost before the reply to {what}"))
+        waiter: Deferred[Reply] = Deferred()
+        timer = self._clock.callLater(timeout, self._timed_out, waiter, what, timeout)
+        self._waiters.append((waiter, timer, what))
+        return waiter
+
+    def command(self, line: bytes, timeout: float, what: str | None = None) -> Deferred[Reply]:
+        self.send(line)
+        return self.expect(timeout, what or line.split(b" ", 1)[0].decode("ascii", "replace"))
+
+    def _timed_out(self, waiter: Deferred[Reply], what: str, timeout: float) -> None:
+        self._waiters = deque(w for w in self._waiters if w[0] is not waiter)
+        waiter.errback(SMTPTimeout(f"timeout after {timeout:g}s waiting for the reply to "
+                                   f"{what}"))
+        self.abort()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while self._lost is None and not getattr(self.transport, "disconnecting", False):
+            line, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                if len(self._buffer) > self.MAX_LENGTH:
+                    self._protocol_error("reply line too long")
+                return
+            self._buffer = rest
+            self.lineReceived(line)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        code_text, separator, rest = text[:3], text[3:4], text[4:]
+        if not (code_text.isdigit() and separator in ("", " ", "-")):
+            self._protocol_error(f"malformed reply line {text[:100]!r}")
+            return
+        code = int(code_text)
+        if self._partial and code != self._partial_code:
+            self._protocol_error(f"reply code changed within a reply: {text[:100]!r}")
+            return
+        self._partial_code = code
+        self._partial.append(rest)
+        if separator != "-":
+            reply = Reply(code, tuple(self._partial))
+            self._partial = []
+            self._deliver(reply)
+
+    def _deliver(self, reply: Reply) -> None:
+        if self._waiters:
+            waiter, timer, _what = self._waiters.popleft()
+            if timer is not None and timer.active():
+                timer.cancel()
+            waiter.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def _protocol_error(self, problem: str) -> None:
+        if self._waiters:
+            waiter, timer, _what = self._waiters.popleft()
+            if timer is not None and timer.active():
+                timer.cancel()
+            waiter.errback(SMTPProtocolError(problem))
+        self.abort()
+
+    # --- TLS and DATA --------------------------------------------------------------------
+
+    def start_tls(self, options: object) -> None:
+        self.tls_started = True
+        self.transport.startTLS(options)
+
+    def send_message(self, source: BinaryIO, block_timeout: float) -> Deferred[None]:
+        """Stream ``source`` as DATA content and the final dot; the message must progress."""
+        if self._lost is not None:
+            return fail(SMTPConnectionLost("connection lost before the message was sent"))
+        producer = MessageProducer(source, self.transport, self._progress_made)
+        self._producer = producer
+        self._block_timeout = block_timeout
+
+        def finished(result: object) -> object:
+            self._cancel_block_timer()
+            self._producer = None
+            return result
+
+        producer.done.addBoth(finished)
+        self._progress_made()
+        producer.start()
+        return producer.done
+
+    def _progress_made(self) -> None:
+        self._cancel_block_timer()
+        self._block_timer = self._clock.callLater(self._block_timeout, self._block_timed_out)
+
+    def _block_timed_out(self) -> None:
+        self._block_timer = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.fail(SMTPTimeout(
+                f"timeout after {self._block_timeout:g}s sending the message"))
+        self.abort()
+
+    def _cancel_block_timer(self) -> None:
+        if self._block_timer is not None and self._block_timer.active():
+            self._block_timer.cancel()
+        self._block_timer = None
+
+    def quit(self, timeout: float) -> None:
+        """Say goodbye and close, without anyone waiting for it."""
+        if self._lost is not None:
+            return
+        self.command(b"QUIT", timeout).addBoth(self._close)
+
+    def _close(self, _result: object) -> None:
+        if self._lost is None and self.transport is not None:
+            self.transport.loseConnection()
+
+
+class SMTPClientFactory(Factory):
+    """Builds one SMTPClientProtocol per connection, with the injected clock."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr: object) -> SMTPClientProtocol:
+        proto = SMTPClientProtocol(self.clock)
+        proto.factory = self
+        return proto

@@ -1,0 +1,758 @@
+"""The outbound SMTP client and relay deliverer: replies, dot-stuffing, pipelining,
+per-recipient results, next-hop fallback, timeouts.
+
+Three levels: the protocol alone on a StringTransport; the deliverer against
+a scripted dialog on a StringTransport (to see exactly what was written, and
+when); the deliverer against a scripted server in memory (iosim) through the
+real TCP endpoints of a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
+
+from relaygw.config import Config, parse_config
+from relaygw.delivery.smtp import SMTPRelayDeliverer, parse_ehlo
+from relaygw.delivery.smtpclient import (
+    DotStuffer,
+    Reply,
+    SMTPClientProtocol,
+    SMTPProtocolError,
+    SMTPTimeout,
+    Timeouts,
+)
+from relaygw.dns import Answer, Hop, NextHopResolver, NXDomain, lookup_failed
+from relaygw.envelope import Envelope, Recipient
+from relaygw.interfaces import DeliveryResult, IDeliverer, Status
+
+MX_PORT = 2525
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+def config(extra: str = "", relay_tls: str = "none") -> Config:
+    return parse_config(f"""
+[server]
+hostname = "relay.example.test"
+[[listener]]
+endpoint = "tcp:2525"
+[relay]
+mx_port = {MX_PORT}
+tls = "{relay_tls}"
+{extra}
+[[route]]
+domains = ["*"]
+action = "relay"
+""", "test.toml")
+
+
+def envelope(*addresses: str, sender: str = "alice@origin.test") -> Envelope:
+    return Envelope(id="Q1", sender=sender, received=0.0,
+                    recipients=[Recipient(address=a, original=a, action="relay")
+                                for a in addresses])
+
+
+def message(tmp_path: Path, content: bytes = b"Subject: hi\r\n\r\nHello.\r\n") -> Path:
+    path = tmp_path / "message"
+    path.write_bytes(content)
+    return path
+
+
+class FakeLookup:
+    def __init__(self, table: dict[tuple[str, str], Answer | Exception]) -> None:
+        self.table = table
+
+    def lookup(self, name: str, rdtype: str) -> Deferred[Answer]:
+        result = self.table.get((name, rdtype), Answer((), 60))
+        if isinstance(result, Exception):
+            return Deferred.fromCoroutine(_raise(result))
+        return succeed(result)
+
+
+async def _raise(error: Exception) -> Answer:
+    raise error
+
+
+def two_mx_resolver() -> NextHopResolver:
+    return NextHopResolver(FakeLookup({
+        ("example.test", "MX"): Answer(((10, "mx1.example.test"), (20, "mx2.example.test")), 60),
+        ("mx1.example.test", "A"): Answer(("127.0.0.2",), 60),
+        ("mx2.example.test", "A"): Answer(("127.0.0.3",), 60),
+    }))
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    results: list[object] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    assert not isinstance(results[0], Failure), results[0]
+    return results[0]
+
+
+MX1 = "mx1.example.test[127.0.0.2]:2525"
+MX2 = "mx2.example.test[127.0.0.3]:2525"
+
+
+# --- a scripted SMTP server ------------------------------------------------------------
+
+
+@dataclass
+class Script:
+    """How one fake server connection answers; replies may be multi-line ("\\r\\n")."""
+
+    greeting: str = "220 mx.example.test ESMTP fake"
+    extensions: list[str] | None = field(
+        default_factory=lambda: ["PIPELINING", "SIZE 10240000", "8BITMIME"])
+    mail: str = "250 2.1.0 Ok"
+    rcpt: dict[str, str] = field(default_factory=dict)
+    data: str = "354 End data with <CR><LF>.<CR><LF>"
+    final: str = "250 2.0.0 Ok: queued as ABC"
+    drop_after_dot: bool = False
+    tls_options: Any = None          # offer STARTTLS with these server options
+    users: dict[str, str] | None = None  # offer AUTH with these mechanisms
+    mechanisms: str = "PLAIN LOGIN"
+
+
+class FakeSMTPServer(Protocol):
+    """Answers per a Script and records the commands and the raw DATA it got."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+        self.tls = False
+        self.authenticated: str | None = None
+        self.closed: Deferred[None] = Deferred()
+        self._buffer = b""
+        self._in_data = False
+        self._auth_login: list[bytes] | None = None
+
+    def connectionMade(self) -> None:
+        self.reply(self.script.greeting)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)
+
+    def reply(self, text: str) -> None:
+        self.transport.write(text.encode() + b"\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if self._in_data:
+                end = (b"\r\n" + self._buffer).find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.messages.append(self._buffer[:end + 3])
+                self._buffer = self._buffer[end + 3:]
+                self._in_data = False
+                if self.script.drop_after_dot:
+                    self.transport.loseConnection()
+                    return
+                self.reply(self.script.final)
+                continue
+            line, sep, rest = self._buffer.partition(b"\r\n")
+            if not sep:
+                return
+            self._buffer = rest
+            self.command(line.decode())
+
+    def command(self, line: str) -> None:
+        if self._auth_login is not None:
+            self._auth_login.append(base64.b64decode(line))
+            if len(self._auth_login) == 1:
+                self.reply("334 UGFzc3dvcmQ6")
+            else:
+                user, password = (v.decode() for v in self._auth_login)
+                self._auth_login = None
+                self.check_login(user, password)
+            return
+        self.commands.append(line)
+        verb = line.split(" ", 1)[0].upper()
+        if verb == "EHLO":
+            if self.script.extensions is None:
+                self.reply("502 5.5.2 Error: command not recognized")
+                return
+            extensions = list(self.script.extensions)
+            if self.script.tls_options is not None and not self.tls:
+                extensions.append("STARTTLS")
+            if self.script.users is not None:
+                extensions.append(f"AUTH {self.script.mechanisms}")
+            lines = ["mx.example.test", *extensions]
+            self.reply("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}"
+                                   for i, text in enumerate(lines)))
+        elif verb == "HELO":
+            self.reply("250 mx.example.test")
+        elif verb == "STARTTLS":
+            self.reply("220 2.0.0 Ready to start TLS")
+            self.transport.startTLS(self.script.tls_options)
+            self.tls = True
+        elif verb == "AUTH":
+            parts = line.split(" ")
+            mechanism, token = parts[1], (parts[2] if len(parts) > 2 else "")
+            if mechanism.upper() == "PLAIN":
+                _, user, password = base64.b64decode(token).decode().split("\0")
+                self.check_login(user, password)
+            else:
+                self._auth_login = []
+                self.reply("334 VXNlcm5hbWU6")
+        elif verb == "MAIL":
+            self.reply(self.script.mail)
+        elif verb == "RCPT":
+            address = line.partition("<")[2].rstrip(">")
+            self.reply(self.script.rcpt.get(address, "250 2.1.5 Ok"))
+        elif verb == "DATA":
+            self.reply(self.script.data)
+            self._in_data = self.script.data.startswith("354")
+        elif verb == "QUIT":
+            self.reply("221 2.0.0 Bye")
+            self.transport.loseConnection()
+        else:
+            self.reply("502 5.5.2 Error: command not recognized")
+
+    def check_login(self, user: str, password: str) -> None:
+        if self.script.users is not None and self.script.users.get(user) == password:
+            self.authenticated = user
+            self.reply("235 2.7.0 Authentication successful")
+        else:
+            self.reply("535 5.7.8 Error: authentication failed")
+
+
+class FakeSMTPFactory(Factory):
+    """Each connection takes the next script; the last one repeats."""
+
+    def __init__(self, *scripts: Script) -> None:
+        self.scripts = list(scripts)
+        self.servers: list[FakeSMTPServer] = []
+
+    def buildProtocol(self, addr: object) -> FakeSMTPServer:
+        script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
+        server = FakeSMTPServer(script)
+        self.servers.append(server)
+        return server
+
+
+class InMemory:
+    """The deliverer on a MemoryReactorClock, with fake servers behind its real endpoints."""
+
+    def __init__(self, *scripts: Script, cfg: Config | None = None,
+                 resolver: NextHopResolver | None = None) -> None:
+        self.reactor = MemoryReactorClock()
+        self.factory = FakeSMTPFactory(*(scripts or (Script(),)))
+        self.reactor.listenTCP(MX_PORT, self.factory)
+        self.completer = ConnectionCompleter(self.reactor)
+        self.deliverer = SMTPRelayDeliverer(cfg or config(), self.reactor,
+                                            resolver or two_mx_resolver())
+        self.refuse = 0  # how many connections to refuse before completing the rest
+
+    def deliver(self, env: Envelope, path: Path) -> list[DeliveryResult]:
+        d = self.deliverer.deliver(env, path, env.recipients)
+        while self.reactor.tcpClients:
+            if self.refuse:
+                self.refuse -= 1
+                self.completer.failOnce(Failure(ConnectionRefusedError()))
+                continue
+            pump = self.completer.succeedOnce()
+            assert pump is not None
+            pump.flush()
+        return result_of(d)  # type: ignore[no-any-return]
+
+    @property
+    def server(self) -> FakeSMTPServer:
+        return self.factory.servers[-1]
+
+
+# --- the protocol on its own -----------------------------------------------------------
+
+
+def connected(clock: Clock | None = None) -> tuple[SMTPClientProtocol, StringTransport]:
+    proto = SMTPClientProtocol(clock or Clock())
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_multi_line_replies_are_assembled_and_printed_as_sent() -> None:
+    proto, _ = connected()
+    d = proto.expect(10)
+    proto.dataReceived(b"250-mx.example.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n")
+    reply = result_of(d)
+    assert reply == Reply(250, ("mx.example.test", "PIPELINING", "SIZE 100"))
+    assert str(reply) == "250-mx.example.test 250-PIPELINING 250 SIZE 100"
+    assert parse_ehlo(reply) == {"PIPELINING": "", "SIZE": "100"}
+
+
+def test_replies_arriving_early_wait_in_order_and_bare_lf_is_accepted() -> None:
+    proto, _ = connected()
+    proto.dataReceived(b"220 hello\n250 2.1.0 Ok\r\n550 5.1.1 <x@y>: user unknown\r\n")
+    assert [str(result_of(proto.expect(1))) for _ in range(3)] == [
+        "220 hello", "250 2.1.0 Ok", "550 5.1.1 <x@y>: user unknown"]
+
+
+def test_a_malformed_reply_is_a_protocol_error_and_drops_the_connection() -> None:
+    proto, transport = connected()
+    d = proto.expect(10)
+    proto.dataReceived(b"hello there\r\n")
+    failure: list[Failure] = []
+    d.addErrback(failure.append)
+    assert failure[0].check(SMTPProtocolError)
+    assert transport.disconnecting
+
+
+def test_no_reply_in_time_is_a_timeout_and_aborts() -> None:
+    clock = Clock()
+    proto, transport = connected(clock)
+    d = proto.command(b"MAIL FROM:<>", 300)
+    clock.advance(299)
+    assert not d.called
+    clock.advance(1)
+    failure: list[Failure] = []
+    d.addErrback(failure.append)
+    assert failure[0].check(SMTPTimeout)
+    assert "MAIL" in failure[0].getErrorMessage()
+    assert transport.disconnecting
+
+
+def test_connection_lost_fails_every_waiter() -> None:
+    proto, _ = connected()
+    waiters = [proto.expect(10, "RCPT"), proto.expect(10, "DATA")]
+    proto.connectionLost(Failure(ConnectionLost("gone")))
+    for d in waiters:
+        failure: list[Failure] = []
+        d.addErrback(failure.append)
+        assert failure[0].check(ConnectionLost)
+    later: list[Failure] = []
+    proto.expect(10).addErrback(later.append)
+    assert later[0].check(ConnectionLost)
+
+
+# --- dot-stuffing ------------------------------------------------------------------------
+
+
+def stuffed(content: bytes, chunk: int = 1 << 20) -> bytes:
+    stuffer = DotStuffer()
+    out = b"".join(stuffer.encode(content[i:i + chunk]) for i in range(0, len(content), chunk))
+    return out + stuffer.finish()
+
+
+@pytest.mark.parametrize(("content", "wire"), [
+    (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+    (b".first\r\n..\r\n.\r\n", b"..first\r\n...\r\n..\r\n.\r\n"),
+    (b"no final newline", b"no final newline\r\n.\r\n"),
+    (b"", b".\r\n"),
+    (b"bare\nlf\rcr\r\n", b"bare\r\nlf\r\ncr\r\n.\r\n"),
+    (b"smuggle\n.\nQUIT\r\n", b"smuggle\r\n..\r\nQUIT\r\n.\r\n"),
+    (b"ends with cr\r", b"ends with cr\r\n.\r\n"),
+], ids=["leading-dot", "dots-only", "no-final-crlf", "empty", "bare-eols", "smuggling",
+        "trailing-cr"])
+def test_dot_stuffing(content: bytes, wire: bytes) -> None:
+    assert stuffed(content) == wire
+    assert stuffed(content, chunk=1) == wire
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x."]), max_size=40),
+       st.integers(min_value=1, max_value=7))
+def test_dot_stuffing_ignores_chunk_boundaries_and_round_trips(parts: list[bytes],
+                                                               chunk: int) -> None:
+    content = b"".join(parts)
+    wire = stuffed(content, chunk)
+    assert wire == stuffed(content)
+    assert wire.endswith(b".\r\n")
+    body = wire[:-3]
+    assert b"\r\n.\r\n" not in b"\r\n" + body  # no early end of data
+    assert body.replace(b"\r\n", b"").count(b"\r") == 0
+    assert body.replace(b"\r\n", b"").count(b"\n") == 0
+    # Undo the stuffing: every line that starts with a dot lost one, and line ends are CRLF.
+    lines = body.split(b"\r\n")[:-1] if body else []
+    unstuffed = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n"
+                         for line in lines)
+    normalized = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if normalized and not normalized.endswith(b"\r\n"):
+        normalized += b"\r\n"
+    assert unstuffed == normalized
+
+
+# --- the deliverer, in memory -----------------------------------------------------------
+
+
+def test_it_is_an_ideliverer_with_destinations_per_next_hop() -> None:
+    cfg = parse_config("""
+[[listener]]
+endpoint = "tcp:2525"
+[[route]]
+domains = ["branch.example.test"]
+action = "relay"
+via = "10.1.0.25:587"
+[[route]]
+domains = ["v6.example.test"]
+action = "relay"
+via = "[2001:db8::25]"
+[[route]]
+domains = ["*"]
+action = "relay"
+""")
+    deliverer = SMTPRelayDeliverer(cfg, MemoryReactorClock(), two_mx_resolver())
+    assert IDeliverer.providedBy(deliverer)
+    rcpt = envelope("a@branch.example.test", "b@Example.TEST", "c@v6.example.test").recipients
+    assert [deliverer.destination(r) for r in rcpt] == [
+        "10.1.0.25:587", "example.test", "[2001:db8::25]:25"]
+
+
+def test_delivers_all_recipients_in_one_transaction(tmp_path: Path) -> None:
+    world = InMemory()
+    env = envelope("bob@example.test", "carol@example.test")
+    results = world.deliver(env, message(tmp_path))
+    assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX1)] * 2
+    assert len(world.factory.servers) == 1
+    assert world.server.commands == [
+        "EHLO relay.example.test", "MAIL FROM:<alice@origin.test> SIZE=23",
+        "RCPT TO:<bob@example.test>", "RCPT TO:<carol@example.test>", "DATA", "QUIT"]
+    assert world.server.messages == [b"Subject: hi\r\n\r\nHello.\r\n.\r\n"]
+
+
+def test_dots_and_line_ends_reach_the_server_exactly(tmp_path: Path) -> None:
+    world = InMemory()
+    env = envelope("bob@example.test", sender="")
+    content = b"Subject: dots\r\n\r\n.leading\r\n..two\r\n.\r\nlast line"
+    results = world.deliver(env, message(tmp_path, content))
+    assert results[0].status is Status.DELIVERED
+    assert world.server.commands[1] == f"MAIL FROM:<> SIZE={len(content)}"
+    assert world.server.messages == [
+        b"Subject: dots\r\n\r\n..leading\r\n...two\r\n..\r\nlast line\r\n.\r\n"]
+
+
+def test_a_big_message_with_a_dot_on_every_line_arrives_intact(tmp_path: Path) -> None:
+    world = InMemory()
+    line = b"." + b"x" * 77 + b"\r\n"
+    content = line * 20000  # 1.6 MB, every line needing a dot
+    results = world.deliver(envelope("bob@example.test"), message(tmp_path, content))
+    assert results[0].status is Status.DELIVERED
+    assert world.server.messages == [(b"." + line) * 20000 + b".\r\n"]
+
+
+def test_per_recipient_results(tmp_path: Path) -> None:
+    script = Script(rcpt={"gone@example.test": "550 5.1.1 <gone@example.test>: user unknown",
+                          "full@example.test": "452 4.2.2 Mailbox full"})
+    world = InMemory(script)
+    env = envelope("gone@example.test", "ok@example.test", "full@example.test")
+    assert world.deliver(env, message(tmp_path)) == [
+        DeliveryResult.failed("550 5.1.1 <gone@example.test>: user unknown", MX1),
+        DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX1),
+        DeliveryResult.deferred("452 4.2.2 Mailbox full", MX1),
+    ]
+
+
+def test_all_recipients_refused_means_no_message_is_sent(tmp_path: Path) -> None:
+    world = InMemory(Script(rcpt={"a@example.test": "550 5.1.1 no", "b@example.test":
+                                  "450 4.1.1 later"}, data="554 5.5.1 No valid recipients"))
+    results = world.deliver(envelope("a@example.test", "b@example.test"), message(tmp_path))
+    assert [r.status for r in results] == [Status.FAILED, Status.DEFERRED]
+    assert world.server.messages == []
+
+
+@pytest.mark.parametrize(("final", "status"), [
+    ("554 5.6.0 Message rejected: spam", Status.FAILED),
+    ("451 4.3.0 Try again later", Status.DEFERRED),
+])
+def test_the_reply_to_the_dot_decides_every_accepted_recipient(
+        tmp_path: Path, final: str, status: Status) -> None:
+    world = InMemory(Script(final=final, rcpt={"x@example.test": "550 5.1.1 unknown"}))
+    results = world.deliver(envelope("a@example.test", "x@example.test", "b@example.test"),
+                            message(tmp_path))
+    assert results == [DeliveryResult(status, final, MX1),
+                       DeliveryResult.failed("550 5.1.1 unknown", MX1),
+                       DeliveryResult(status, final, MX1)]
+
+
+def test_a_refused_mail_from_decides_everyone(tmp_path: Path) -> None:
+    world = InMemory(Script(mail="553 5.7.1 Sender rejected"))
+    results = world.deliver(envelope("a@example.test", "b@example.test"), message(tmp_path))
+    assert results == [DeliveryResult.failed("553 5.7.1 Sender rejected", MX1)] * 2
+
+
+def test_connection_lost_before_the_final_reply_defers(tmp_path: Path) -> None:
+    world = InMemory(Script(drop_after_dot=True))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DEFERRED
+    assert results[0].remote == MX1
+    assert results[0].reply.startswith("451 4.4.2 ")
+    assert world.server.messages  # the data did arrive: a duplicate is possible (RFC 1047)
+
+
+def test_a_4xx_greeting_moves_on_to_the_next_mx(tmp_path: Path) -> None:
+    world = InMemory(Script(greeting="421 4.3.2 Service not available"), Script())
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX2)]
+    assert world.factory.servers[0].commands == ["QUIT"]
+
+
+def test_a_5xx_greeting_also_moves_on(tmp_path: Path) -> None:
+    world = InMemory(Script(greeting="554 5.7.1 Go away"), Script())
+    assert world.deliver(envelope("a@example.test"), message(tmp_path))[0].remote == MX2
+
+
+def test_a_refused_connection_moves_on_to_the_next_mx(tmp_path: Path) -> None:
+    world = InMemory()
+    world.refuse = 1
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX2)]
+
+
+def test_when_every_hop_fails_the_recipients_are_deferred_with_the_last_reason(
+        tmp_path: Path) -> None:
+    world = InMemory(Script(greeting="421 4.3.2 busy"), Script(greeting="554 5.7.1 No"))
+    results = world.deliver(envelope("a@example.test", "b@example.test"), message(tmp_path))
+    assert results == [DeliveryResult.deferred("554 5.7.1 No", MX2)] * 2
+
+
+def test_helo_when_ehlo_is_refused_and_no_pipelining(tmp_path: Path) -> None:
+    world = InMemory(Script(extensions=None))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DELIVERED
+    assert world.server.commands[:3] == ["EHLO relay.example.test", "HELO relay.example.test",
+                                         "MAIL FROM:<alice@origin.test>"]
+
+
+def test_a_message_bigger_than_the_servers_size_fails_before_mail(tmp_path: Path) -> None:
+    world = InMemory(Script(extensions=["PIPELINING", "SIZE 10"]))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.FAILED
+    assert results[0].reply.startswith("552 5.3.4 ")
+    assert world.server.commands == ["EHLO relay.example.test", "QUIT"]
+
+
+def test_tls_required_but_not_offered_defers_without_sending(tmp_path: Path) -> None:
+    world = InMemory(cfg=config(relay_tls="required"))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DEFERRED
+    assert "4.7.4 TLS required but not offered" in results[0].reply
+    assert all(not s.messages for s in world.factory.servers)
+    assert len(world.factory.servers) == 2  # both MX hosts were tried
+
+
+@pytest.mark.parametrize(("error", "status", "reply"), [
+    (NXDomain("example.test"), Status.FAILED, "550 5.1.2 "),
+    (lookup_failed("timeout"), Status.DEFERRED, "451 4.4.3 "),
+])
+def test_dns_outcomes(tmp_path: Path, error: Exception, status: Status, reply: str) -> None:
+    resolver = NextHopResolver(FakeLookup({("example.test", "MX"): error}))
+    world = InMemory(resolver=resolver)
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is status
+    assert results[0].reply.startswith(reply)
+    assert world.factory.servers == []
+
+
+def test_a_missing_message_file_defers(tmp_path: Path) -> None:
+    world = InMemory()
+    results = world.deliver(envelope("a@example.test"), tmp_path / "nope")
+    assert results[0].status is Status.DEFERRED
+    assert results[0].reply.startswith("451 4.3.0 ")
+
+
+def smarthost_config(tmp_path: Path, tls: str) -> Config:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret  \nignored\n")
+    return parse_config(f"""
+[server]
+hostname = "relay.example.test"
+[[listener]]
+endpoint = "tcp:2525"
+[[route]]
+domains = ["*"]
+action = "relay"
+via = "127.0.0.9:{MX_PORT}"
+tls = "{tls}"
+username = "relay"
+password_file = "{secret}"
+""")
+
+
+def test_a_smarthost_gets_auth_plain_with_tls_none(tmp_path: Path) -> None:
+    world = InMemory(Script(users={"relay": "s3cret"}), cfg=smarthost_config(tmp_path, "none"))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC",
+                                                 f"127.0.0.9[127.0.0.9]:{MX_PORT}")]
+    assert world.server.authenticated == "relay"
+    assert world.server.commands[1] == "AUTH PLAIN " + base64.b64encode(
+        b"\0relay\0s3cret").decode()
+
+
+def test_auth_login_when_only_login_is_offered(tmp_path: Path) -> None:
+    world = InMemory(Script(users={"relay": "s3cret"}, mechanisms="LOGIN"),
+                     cfg=smarthost_config(tmp_path, "none"))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DELIVERED
+    assert world.server.authenticated == "relay"
+    assert world.server.commands[1] == "AUTH LOGIN"
+
+
+def test_bad_credentials_defer(tmp_path: Path) -> None:
+    world = InMemory(Script(users={"relay": "other"}), cfg=smarthost_config(tmp_path, "none"))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DEFERRED
+    assert results[0].reply == "535 5.7.8 Error: authentication failed"
+    assert world.server.messages == []
+
+
+def test_credentials_are_not_sent_in_clear_unless_tls_is_none(tmp_path: Path) -> None:
+    world = InMemory(Script(users={"relay": "s3cret"}),
+                     cfg=smarthost_config(tmp_path, "opportunistic"))
+    results = world.deliver(envelope("a@example.test"), message(tmp_path))
+    assert results[0].status is Status.DEFERRED
+    assert "without TLS" in results[0].reply
+    assert not any(c.startswith("AUTH") for c in world.server.commands)
+
+
+# --- the deliverer, against a scripted dialog on a StringTransport -------------------
+
+
+class RecordingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class Dialog:
+    """One hop's connection on a StringTransport: the test plays the server."""
+
+    def __init__(self, tmp_path: Path, *addresses: str, timeouts: Timeouts = DEFAULT_TIMEOUTS,
+                 content: bytes = b"Subject: x\r\n\r\nbody\r\n") -> None:
+        self.clock = MemoryReactorClock()
+        self.transport = RecordingTransport()
+        self.proto = SMTPClientProtocol(self.clock)
+
+        def connect(hop: Hop) -> Deferred[SMTPClientProtocol]:
+            self.proto.makeConnection(self.transport)
+            return succeed(self.proto)
+
+        resolver = NextHopResolver(FakeLookup({
+            ("example.test", "MX"): Answer(((10, "mx1.example.test"),), 60),
+            ("mx1.example.test", "A"): Answer(("127.0.0.2",), 60)}))
+        deliverer = SMTPRelayDeliverer(config(), self.clock, resolver, timeouts=timeouts,
+                                       connect=connect)
+        env = envelope(*addresses)
+        self.result = deliverer.deliver(env, message(tmp_path, content), env.recipients)
+
+    def server(self, *lines: str) -> bytes:
+        """Send reply lines; return what the client wrote in response."""
+        self.transport.clear()
+        self.transport.writes.clear()
+        self.proto.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
+        return self.transport.value()
+
+    def stream(self) -> bytes:
+        """Let the message producer run to the end, as a draining socket would."""
+        self.transport.clear()
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        return self.transport.value()
+
+
+def test_pipelining_sends_mail_rcpts_and_data_in_one_write(tmp_path: Path) -> None:
+    dialog = Dialog(tmp_path, "a@example.test", "b@example.test")
+    assert dialog.server("220 mx ESMTP") == b"EHLO relay.example.test\r\n"
+    sent = dialog.server("250-mx", "250-PIPELINING", "250 8BITMIME")
+    assert dialog.transport.writes == [sent]
+    assert sent == (b"MAIL FROM:<alice@origin.test>\r\nRCPT TO:<a@example.test>\r\n"
+                    b"RCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert dialog.server("250 2.1.0 Ok", "250 2.1.5 Ok", "550 5.1.1 no such user") == b""
+    assert dialog.server("354 go ahead") == b""
+    assert dialog.stream() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert not dialog.result.called
+    assert dialog.server("250 2.0.0 Ok: queued") == b"QUIT\r\n"
+    assert result_of(dialog.result) == [
+        DeliveryResult.delivered("250 2.0.0 Ok: queued", MX1),
+        DeliveryResult.failed("550 5.1.1 no such user", MX1)]
+
+
+def test_without_pipelining_each_command_waits_for_its_reply(tmp_path: Path) -> None:
+    dialog = Dialog(tmp_path, "a@example.test", "b@example.test")
+    dialog.server("220 mx ESMTP")
+    assert dialog.server("250 mx") == b"MAIL FROM:<alice@origin.test>\r\n"
+    assert dialog.server("250 Ok") == b"RCPT TO:<a@example.test>\r\n"
+    assert dialog.server("450 4.2.0 greylisted") == b"RCPT TO:<b@example.test>\r\n"
+    assert dialog.server("250 Ok") == b"DATA\r\n"
+    assert dialog.server("354 go") == b""
+    dialog.stream()
+    dialog.server("250 2.0.0 Ok")
+    assert [r.status for r in result_of(dialog.result)] == [Status.DEFERRED, Status.DELIVERED]
+
+
+@pytest.mark.parametrize(("step", "limit"), [
+    ("greeting", 300), ("mail", 300), ("rcpt", 300), ("data_init", 120), ("data_end", 600)])
+def test_rfc_5321_timeouts(tmp_path: Path, step: str, limit: float) -> None:
+    dialog = Dialog(tmp_path, "a@example.test")
+    script = [("greeting", "220 mx"), ("ehlo", "250 mx"), ("mail", "250 Ok"),
+              ("rcpt", "250 Ok"), ("data_init", "354 go")]
+    for name, reply in script:
+        if name == step:
+            break
+        dialog.server(reply)
+        if name == "data_init":
+            dialog.stream()
+    dialog.clock.advance(limit - 1)
+    assert not dialog.result.called
+    dialog.clock.advance(1)
+    result = result_of(dialog.result)[0]
+    assert result.status is Status.DEFERRED
+    assert "timeout" in result.reply
+    assert dialog.transport.disconnecting
+
+
+def test_a_stalled_data_transfer_times_out(tmp_path: Path) -> None:
+    dialog = Dialog(tmp_path, "a@example.test", content=b"x" * 200_000 + b"\r\n")
+    for reply in ("220 mx", "250-mx\r\n250 PIPELINING", "250 Ok\r\n250 Ok\r\n354 go"):
+        dialog.proto.dataReceived(reply.encode() + b"\r\n")
+    dialog.transport.producer.resumeProducing()  # one chunk leaves; then the peer stalls
+    dialog.clock.advance(179)
+    assert not dialog.result.called
+    dialog.clock.advance(1)
+    result = result_of(dialog.result)[0]
+    assert result.status is Status.DEFERRED
+    assert "sending the message" in result.reply
+
+
+def test_smaller_timeouts_are_configurable(tmp_path: Path) -> None:
+    dialog = Dialog(tmp_path, "a@example.test", timeouts=Timeouts(greeting=5))
+    dialog.clock.advance(5)
+    assert result_of(dialog.result)[0].status is Status.DEFERRED
+
+
+def test_data_sent_after_the_starttls_reply_is_refused(tmp_path: Path) -> None:
+    cfg = config(relay_tls="opportunistic")
+    clock = MemoryReactorClock()
+    transport = StringTransport()
+    proto = SMTPClientProtocol(clock)
+
+    def connect(hop: Hop) -> Deferred[SMTPClientProtocol]:
+        proto.makeConnection(transport)
+        return succeed(proto)
+
+    deliverer = SMTPRelayDeliverer(cfg, clock, NextHopResolver(FakeLookup({})),
+                                   connect=connect)
+    env = envelope("a@[127.0.0.2]")
+    d = deliverer.deliver(env, message(tmp_path), env.recipients)
+    proto.dataReceived(b"220 mx\r\n250-mx\r\n250 STARTTLS\r\n")
+    proto.dataReceived(b"220 go ahead\r\n250 injected\r\n")
+    result = result_of(d)[0]
+    assert result.status is Status.DEFERRED
+    assert "after its STARTTLS reply" in result.reply
+    assert b"MAIL" not in transport.value()
