@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relaygw import aliases as alias_expansion
-from relaygw.addresses import Mailbox
+from relaygw.addresses import AddressError, Mailbox
 from relaygw.config import Config, IPNetwork, RouteConfig
 from relaygw.envelope import Recipient
 
@@ -89,7 +89,12 @@ class Router:
 
     def route_recipient(self, mailbox: Mailbox, trusted: bool) -> Refusal | list[Recipient]:
         """Refuse, or return the recipients this address becomes (aliases expanded)."""
-        targets = alias_expansion.expand(self.config.aliases, mailbox)
+        try:
+            targets = alias_expansion.expand(self.config.aliases, mailbox)
+        except AddressError:
+            # A template such as "{local}-x@..." made an address RFC 5321 refuses
+            # (a quoted local part, or one grown past 64 octets): no such mailbox.
+            return UNKNOWN_MAILBOX
         if targets is None:
             outcome = self._route_one(mailbox, mailbox, check_access=True, trusted=trusted)
             return outcome if isinstance(outcome, Refusal) else [outcome]

@@ -42,6 +42,10 @@ class Event:
     delay: float
 
 
+class _NotStarted(Exception):
+    """A group still waiting for a concurrency slot when the scheduler stopped."""
+
+
 class Scheduler:
     log = Logger()
 
@@ -138,6 +142,9 @@ class Scheduler:
             if queue_id in self._active:
                 self._again.add(queue_id)  # look again when the attempt in flight ends
                 continue
+            if not any(r.next_attempt is None or r.next_attempt <= now
+                       for r in envelope.pending):
+                continue  # a stale entry (left by flush): the entry for the real time is queued
             self._start_attempt(envelope)
         self._arm()
 
@@ -175,6 +182,11 @@ class Scheduler:
         outcomes = await DeferredList(attempts, consumeErrors=True)
         failed: list[Recipient] = []
         for (ok, results), recipients in zip(outcomes, groups.values(), strict=True):
+            if not ok and results.check(_NotStarted):
+                for recipient in recipients:  # never tried: as it was, no attempt counted
+                    recipient.state = (RecipientState.DEFERRED if recipient.attempts
+                                       else RecipientState.QUEUED)
+                continue
             if not ok:
                 results = [DeliveryResult.deferred(f"451 4.3.0 internal error: "
                                                    f"{results.getErrorMessage()}")] * len(
@@ -212,8 +224,13 @@ class Scheduler:
             self._per_destination[destination] = per_destination
         message_path = self.spool.message_path(envelope.id)
 
+        def start() -> Deferred[list[DeliveryResult]]:
+            if not self.running:  # stop() lets attempts in flight finish, starts no more
+                raise _NotStarted()
+            return deliverer.deliver(envelope, message_path, recipients)
+
         def call() -> Deferred[list[DeliveryResult]]:
-            return self._global.run(deliverer.deliver, envelope, message_path, recipients)
+            return self._global.run(start)
 
         d = per_destination.run(call)
 

@@ -1,0 +1,269 @@
+"""The durable queue: commit, recovery after a crash, injected write failures, save/remove."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from core_fakes import FailingOS, recipient, sync_run
+from relaygw.envelope import Envelope, RecipientState
+from relaygw.spool import BUFFER_LIMIT, Spool, is_queue_id, new_queue_id
+
+MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+def make_spool(directory: Path, os_module: object = os) -> Spool:
+    spool = Spool(directory, sync_run, os_module)
+    spool.prepare()
+    return spool
+
+
+def result_of(d: Deferred[object]) -> object:
+    outcome: list[object] = []
+    d.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    return outcome[0]
+
+
+def commit(spool: Spool, data: bytes = MESSAGE, **fields: object) -> tuple[Envelope, object]:
+    incoming = spool.open_incoming()
+    incoming.write(data)
+    envelope = Envelope(id=incoming.id, sender="s@src.test",
+                        recipients=[recipient("a@dst.test"), recipient("b@dst.test")],
+                        received=1000.0, client_address="192.0.2.1", helo="client.test",
+                        **fields)  # type: ignore[arg-type]
+    return envelope, result_of(spool.commit(incoming, envelope))
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_queue_ids() -> None:
+    ids = [new_queue_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(is_queue_id(i) for i in ids)
+    assert not is_queue_id("../etc/passwd") and not is_queue_id("abc")
+
+
+def test_commit_then_recover(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, outcome = commit(spool)
+    assert outcome is None
+    assert envelope.size == len(MESSAGE)
+    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+    assert spool.message_path(envelope.id).read_bytes() == MESSAGE
+
+    recovered = list(make_spool(tmp_path / "spool").recover())
+    assert recovered == [envelope]
+    assert spool.load(envelope.id) == envelope
+
+
+def test_commit_of_a_message_bigger_than_the_buffer(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    data = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    data *= (3 * BUFFER_LIMIT) // len(data) + 1
+    incoming = spool.open_incoming()
+    for start in range(0, len(data), 1000):
+        incoming.write(data[start:start + 1000])
+    envelope = Envelope(id=incoming.id, sender="", recipients=[recipient("a@b.test")],
+                        received=0.0)
+    assert result_of(spool.commit(incoming, envelope)) is None
+    assert spool.message_path(envelope.id).read_bytes() == data
+    assert envelope.size == len(data)
+
+
+def test_permissions(tmp_path: Path) -> None:
+    directory = tmp_path / "deep" / "spool"
+    spool = make_spool(directory)
+    commit(spool)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for name in names(directory):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    incoming = spool.open_incoming()
+    assert stat.S_IMODE(incoming.temp_path.stat().st_mode) == 0o600
+    spool.discard(incoming)
+
+
+def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    make_spool(directory)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_discard_leaves_nothing(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    incoming = spool.open_incoming()
+    incoming.write(b"partial")
+    spool.discard(incoming)
+    spool.discard(incoming)  # twice is harmless
+    assert names(spool.directory) == []
+
+
+def count_commit_calls(tmp_path: Path) -> list[str]:
+    fake = FailingOS()
+    spool = make_spool(tmp_path / "dry-run", fake)
+    incoming = spool.open_incoming()
+    incoming.write(MESSAGE)
+    fake.armed = True
+    envelope = Envelope(id=incoming.id, sender="", recipients=[recipient("a@b.test")],
+                        received=0.0)
+    assert result_of(spool.commit(incoming, envelope)) is None
+    return fake.calls
+
+
+def test_commit_makes_every_step_durable(tmp_path: Path) -> None:
+    calls = count_commit_calls(tmp_path)
+    # message written and fsynced; envelope opened, written, fsynced; two renames;
+    # the directory fsynced
+    assert calls == ["write", "fsync", "open", "write", "fsync", "rename", "rename", "fsync"]
+
+
+def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path) -> None:
+    steps = count_commit_calls(tmp_path)
+    for step in range(1, len(steps) + 1):
+        directory = tmp_path / f"fail-at-{step}"
+        fake = FailingOS(fail_at=step)
+        spool = make_spool(directory, fake)
+        fds = open_fds()
+        incoming = spool.open_incoming()
+        incoming.write(MESSAGE)
+        envelope = Envelope(id=incoming.id, sender="s@src.test",
+                            recipients=[recipient("a@b.test")], received=0.0)
+        fake.armed = True
+        outcome = result_of(spool.commit(incoming, envelope))
+        fake.armed = False
+        where = f"failing {steps[step - 1]} (call {step})"
+        assert isinstance(outcome, Failure), where
+        assert outcome.check(OSError), where
+        assert outcome.value.errno == errno.ENOSPC, where
+        assert names(directory) == [], where
+        assert open_fds() == fds, f"file descriptor leaked when {where}"
+        assert list(spool.recover()) == [], where
+
+
+def test_failure_while_receiving_is_reported_at_once(tmp_path: Path) -> None:
+    fake = FailingOS(fail_at=1)
+    spool = make_spool(tmp_path / "spool", fake)
+    incoming = spool.open_incoming()
+    fake.armed = True
+    with pytest.raises(OSError) as caught:
+        incoming.write(b"x" * BUFFER_LIMIT)
+    assert caught.value.errno == errno.ENOSPC
+    spool.discard(incoming)
+    assert names(spool.directory) == []
+
+
+def seed(directory: Path, name: str, data: bytes) -> None:
+    (directory / name).write_bytes(data)
+
+
+def test_recover_cleans_up_after_a_crash(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = make_spool(directory)
+    good, _ = commit(spool)
+    second, _ = commit(spool)
+    orphan, no_msg, garbage, bad_version = (new_queue_id() for _ in range(4))
+    seed(directory, f"tmp-{new_queue_id()}", b"half a message")
+    seed(directory, f"tmp-{new_queue_id()}.env", b"{")
+    seed(directory, f"{orphan}.msg", MESSAGE)              # the envelope never renamed
+    seed(directory, f"{no_msg}.env", good.to_bytes())      # the message went missing
+    seed(directory, f"{garbage}.env", b"not json")
+    seed(directory, f"{garbage}.msg", MESSAGE)
+    seed(directory, f"{bad_version}.env", b'{"version": 99}')
+    seed(directory, f"{bad_version}.msg", MESSAGE)
+
+    recovered = list(make_spool(directory).recover())
+
+    assert sorted(e.id for e in recovered) == sorted([good.id, second.id])
+    assert names(directory) == sorted([
+        f"{good.id}.env", f"{good.id}.msg", f"{second.id}.env", f"{second.id}.msg",
+        "corrupt"])
+    assert names(directory / "corrupt") == sorted([
+        f"{no_msg}.env", f"{garbage}.env", f"{garbage}.msg", f"{bad_version}.env",
+        f"{bad_version}.msg"])
+    assert (directory / "corrupt" / f"{garbage}.env").read_bytes() == b"not json"
+    assert stat.S_IMODE((directory / "corrupt").stat().st_mode) == 0o700
+    # a second start-up finds the same, and nothing more to clean
+    assert sorted(e.id for e in make_spool(directory).recover()) == sorted([good.id,
+                                                                            second.id])
+
+
+def test_recover_of_an_empty_spool(tmp_path: Path) -> None:
+    assert list(make_spool(tmp_path / "spool").recover()) == []
+
+
+def test_save_rewrites_the_envelope_atomically(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    envelope.recipients[0].state = RecipientState.DELIVERED
+    envelope.recipients[1].state = RecipientState.DEFERRED
+    envelope.recipients[1].attempts = 1
+    envelope.recipients[1].next_attempt = 2000.0
+    envelope.recipients[1].last_error = "451 4.4.1 try later"
+    assert result_of(spool.save(envelope)) is None
+    assert spool.load(envelope.id) == envelope
+    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+    assert stat.S_IMODE(spool.envelope_path(envelope.id).stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("step", range(1, 6))
+def test_failed_save_keeps_the_previous_envelope(tmp_path: Path, step: int) -> None:
+    fake = FailingOS(fail_at=step)
+    spool = make_spool(tmp_path / "spool", fake)
+    envelope, _ = commit(spool)
+    before = spool.envelope_path(envelope.id).read_bytes()
+    envelope.recipients[0].state = RecipientState.DELIVERED
+    fake.armed = True
+    outcome = result_of(spool.save(envelope))
+    fake.armed = False
+    if step <= 4:  # open, write, fsync, rename
+        assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
+        assert spool.envelope_path(envelope.id).read_bytes() == before
+    else:  # the directory fsync: the rename happened, the new record stands
+        assert isinstance(outcome, Failure)
+    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+
+
+def test_delivering_is_never_written(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    envelope.recipients[0].state = RecipientState.DELIVERING
+    envelope.recipients[1].state = RecipientState.DELIVERING
+    envelope.recipients[1].attempts = 2
+    spool.save(envelope)
+    states = [r.state for r in spool.load(envelope.id).recipients]
+    assert states == [RecipientState.QUEUED, RecipientState.DEFERRED]
+
+
+def test_remove(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    other, _ = commit(spool)
+    assert result_of(spool.remove(envelope.id)) is None
+    assert names(spool.directory) == [f"{other.id}.env", f"{other.id}.msg"]
+    assert result_of(spool.remove(envelope.id)) is None  # already gone: fine
+    assert [e.id for e in spool.recover()] == [other.id]
+
+
+def test_envelope_round_trip_keeps_every_field() -> None:
+    envelope = Envelope(id="0000000000001000ABC", sender="",
+                        recipients=[recipient("a@b.test", action="local", maildir="/m/a",
+                                              original="x@b.test", attempts=3,
+                                              state=RecipientState.FAILED,
+                                              last_error="550 5.1.1 no", remote="mx")],
+                        received=12.5, size=99, client_address="::1", helo="h", held=True,
+                        extra={"k": [1, 2]})
+    assert Envelope.from_bytes(envelope.to_bytes()) == envelope
