@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -91,8 +94,10 @@ def test_permissions(tmp_path: Path) -> None:
     for name in names(directory):
         assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
     incoming = spool.open_incoming()
+    incoming.write(b"x" * BUFFER_LIMIT)  # a big message reaches the disk while received
     assert stat.S_IMODE(incoming.temp_path.stat().st_mode) == 0o600
     spool.discard(incoming)
+    assert names(directory) == [n for n in names(directory) if not n.startswith("tmp-")]
 
 
 def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
@@ -126,9 +131,10 @@ def count_commit_calls(tmp_path: Path) -> list[str]:
 
 def test_commit_makes_every_step_durable(tmp_path: Path) -> None:
     calls = count_commit_calls(tmp_path)
-    # message written and fsynced; envelope opened, written, fsynced; two renames;
-    # the directory fsynced
-    assert calls == ["write", "fsync", "open", "write", "fsync", "rename", "rename", "fsync"]
+    # message file created (lazily, in the commit), written and fsynced; envelope
+    # opened, written, fsynced; two renames; the directory fsynced
+    assert calls == ["open", "write", "fsync", "open", "write", "fsync", "rename", "rename",
+                     "fsync"]
 
 
 def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path) -> None:
@@ -267,3 +273,42 @@ def test_envelope_round_trip_keeps_every_field() -> None:
                         received=12.5, size=99, client_address="::1", helo="h", held=True,
                         extra={"k": [1, 2]})
     assert Envelope.from_bytes(envelope.to_bytes()) == envelope
+
+
+class BlockingFsyncOS:
+    """``os`` whose first fsync waits for a signal, to line up concurrent callers."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.fsyncs = 0
+
+    def fsync(self, fd: int) -> None:
+        self.fsyncs += 1
+        if self.fsyncs == 1:
+            self.entered.set()
+            assert self.release.wait(10)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_concurrent_directory_syncs_share_one_fsync(tmp_path: Path) -> None:
+    fake = BlockingFsyncOS()
+    spool = make_spool(tmp_path / "spool", fake)
+    first = threading.Thread(target=spool._fsync_directory)
+    first.start()
+    assert fake.entered.wait(10)
+    waiting = [threading.Thread(target=spool._fsync_directory) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while spool._requested < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)  # threads counting themselves in; no reactor involved
+    fake.release.set()
+    for thread in [first, *waiting]:
+        thread.join(10)
+    # the first caller's sync could not cover the later three; one more covers all
+    assert fake.fsyncs == 2
+    spool._fsync_directory()
+    assert fake.fsyncs == 3

@@ -7,7 +7,7 @@ every attempt so that the file on disk is always one consistent record.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -61,12 +61,25 @@ class Envelope:
         return [r for r in self.recipients if r.state.pending]
 
     def to_bytes(self) -> bytes:
-        data = asdict(self)
-        data["version"] = ENVELOPE_VERSION
-        for rcpt in data["recipients"]:
-            if rcpt["state"] == RecipientState.DELIVERING:
-                rcpt["state"] = RecipientState.DEFERRED if rcpt["attempts"] else "queued"
-            rcpt["state"] = str(rcpt["state"])
+        # Built by hand: dataclasses.asdict deep-copies, and this runs after
+        # every attempt of every message.
+        recipients = []
+        for r in self.recipients:
+            state = r.state
+            if state is RecipientState.DELIVERING:  # in flight is not a state on disk
+                state = RecipientState.DEFERRED if r.attempts else RecipientState.QUEUED
+            recipients.append({
+                "action": r.action, "address": r.address, "attempts": r.attempts,
+                "last_error": r.last_error, "maildir": r.maildir,
+                "next_attempt": r.next_attempt, "original": r.original,
+                "remote": r.remote, "state": state.value,
+            })
+        data = {
+            "client_address": self.client_address, "extra": self.extra, "held": self.held,
+            "helo": self.helo, "id": self.id, "received": self.received,
+            "recipients": recipients, "sender": self.sender, "size": self.size,
+            "version": ENVELOPE_VERSION,
+        }
         return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod

@@ -25,6 +25,7 @@ import errno
 import itertools
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,12 +58,17 @@ def is_queue_id(text: str) -> bool:
 
 
 class Incoming:
-    """A message being received: bytes buffered, written in big blocks."""
+    """A message being received: bytes buffered, written in big blocks.
 
-    def __init__(self, spool: Spool, queue_id: str, fd: int) -> None:
+    The temp file is created only when the first block is written; a message
+    smaller than one block is written whole by the commit, in the thread pool,
+    so the reactor thread never waits on the spool directory's lock (which an
+    fsync in a pool thread can hold)."""
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
         self.spool = spool
         self.id = queue_id
-        self.fd = fd
+        self.fd: int | None = None
         self.size = 0
         self._buffer = bytearray()
         self.closed = False
@@ -80,6 +86,8 @@ class Incoming:
 
     def flush(self) -> None:
         if self._buffer:
+            if self.fd is None:
+                self.fd = self.spool._create(self.temp_path)
             self.spool._write_all(self.fd, self._buffer)
             del self._buffer[:]
 
@@ -91,6 +99,10 @@ class Spool:
         self.directory = Path(directory)
         self.run_blocking = run_blocking
         self.os = os_module
+        self._count_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._requested = 0
+        self._synced = 0
 
     # --- start-up --------------------------------------------------------------
 
@@ -137,21 +149,21 @@ class Spool:
     # --- receiving -------------------------------------------------------------
 
     def open_incoming(self) -> Incoming:
-        while True:
-            queue_id = new_queue_id()
-            try:
-                fd = self.os.open(self.directory / f"tmp-{queue_id}",
-                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            return Incoming(self, queue_id, fd)
+        """A new message; its id is unique by construction (time, counter, random)
+        and the O_EXCL creation of its file checks it."""
+        return Incoming(self, new_queue_id())
+
+    def _create(self, path: Path) -> int:
+        return self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def discard(self, incoming: Incoming) -> None:
         """Forget a message that will not be queued (refused, or the client left)."""
-        if not incoming.closed:
-            incoming.closed = True
+        if incoming.closed:
+            return
+        incoming.closed = True
+        if incoming.fd is not None:
             self._close_quietly(incoming.fd)
-        self._unlink_quietly(incoming.temp_path)
+            self._unlink_quietly(incoming.temp_path)
 
     def commit(self, incoming: Incoming, envelope: Envelope) -> Deferred[None]:
         """Make the message and its envelope durable; fires when 250 may be said."""
@@ -163,6 +175,8 @@ class Spool:
         env_temp = self.directory / f"tmp-{incoming.id}.env"
         try:
             incoming.flush()
+            if incoming.fd is None:  # an empty message
+                incoming.fd = self._create(incoming.temp_path)
             self.os.fsync(incoming.fd)
             incoming.closed = True
             self.os.close(incoming.fd)
@@ -173,7 +187,8 @@ class Spool:
         except BaseException:
             if not incoming.closed:
                 incoming.closed = True
-                self._close_quietly(incoming.fd)
+                if incoming.fd is not None:
+                    self._close_quietly(incoming.fd)
             for path in (self.envelope_path(incoming.id), env_temp, final_msg,
                          incoming.temp_path):
                 self._unlink_quietly(path)
@@ -230,11 +245,26 @@ class Spool:
             self.os.close(fd)
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self.os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Make every rename done so far durable, sharing one fsync among the
+        threads that ask at the same time (group commit for the directory).
+
+        A caller counts itself in after its renames; whoever then holds the
+        sync lock fsyncs for everyone counted so far. A caller whose number was
+        covered by a sync that started after it counted itself in is done."""
+        with self._count_lock:
+            self._requested += 1
+            mine = self._requested
+        with self._sync_lock:
+            if self._synced >= mine:
+                return
+            with self._count_lock:
+                covered = self._requested
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self.os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._synced = covered
 
     def _close_quietly(self, fd: int) -> None:
         try:
