@@ -97,14 +97,15 @@ class DataReader:
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
             self.taint(DataError.BARE_NEWLINE)
             return
-        if len(block) > self.max_line + 3 and \
-                max(map(len, block.split(b"\n"))) > self.max_line + 2:
-            self.taint(DataError.LINE_TOO_LONG)
-            return
         if b"\n." in block:
             block = block.replace(b"\n.", b"\n")
         if first_is_line_start and block.startswith(b"."):
             block = block[1:]
+        # Measured unstuffed: each piece is a line's text and its CR.
+        if len(block) > self.max_line + 2 and \
+                max(map(len, block.split(b"\n"))) > self.max_line + 1:
+            self.taint(DataError.LINE_TOO_LONG)
+            return
         if self._in_headers:
             self._count_headers(block)
         self.size += len(block)

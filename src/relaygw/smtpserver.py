@@ -84,6 +84,7 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     given: list[str] = field(default_factory=list)  # RCPT addresses as accepted
     declared_size: int | None = None
+    body: str | None = None  # BODY=8BITMIME is passed on when relaying
 
 
 class SMTPServerProtocol(Protocol):
@@ -106,6 +107,7 @@ class SMTPServerProtocol(Protocol):
         self._discarding_long_line = False
         self._busy = False
         self._paused = False
+        self._processing = False
         self._reader: DataReader | None = None
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
@@ -135,6 +137,9 @@ class SMTPServerProtocol(Protocol):
         self.reply(replies.banner(self.config.hostname))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        # Commands pipelined behind a pending commit are not run for nobody.
+        self.closing = True
+        self._buffer.clear()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -191,6 +196,15 @@ class SMTPServerProtocol(Protocol):
         self._process()
 
     def _process(self) -> None:
+        if self._processing:
+            return  # a wait that ended at once (a synchronous commit): the loop goes on
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while not self._busy and not self.closing and self._buffer:
             if self._reader is not None:
                 leftover = self._reader.feed(bytes(self._buffer))
@@ -233,7 +247,7 @@ class SMTPServerProtocol(Protocol):
             if self._paused:
                 self._paused = False
                 self.transport.resumeProducing()
-            if not self.closing:
+            if not self.closing and not self._processing:
                 self._process()
                 self._finish_draining()
 
@@ -258,7 +272,9 @@ class SMTPServerProtocol(Protocol):
             # Only MAIL/RCPT could carry UTF-8 (SMTPUTF8, not offered).
             line = raw.decode("utf-8", "replace")
         verb, _, argument = line.partition(" ")
-        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+        # ASCII letters only: "QU\u0131T".upper() == "QUIT"
+        handler = getattr(self, f"smtp_{verb.upper()}", None) \
+            if verb.isascii() and verb.isalpha() else None
         if handler is None:
             self._error(replies.UNKNOWN_COMMAND)
             return
@@ -310,6 +326,7 @@ class SMTPServerProtocol(Protocol):
             self._error(replies.BAD_SENDER)
             return
         declared = None
+        body = None
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit():
@@ -320,6 +337,7 @@ class SMTPServerProtocol(Protocol):
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     self._error(replies.BAD_PARAMETER)
                     return
+                body = value.upper()
             else:
                 self._error(replies.UNKNOWN_PARAMETER)
                 return
@@ -327,7 +345,7 @@ class SMTPServerProtocol(Protocol):
             self._reject("MAIL", replies.SIZE_EXCEEDED, "size", sender=str(sender or ""))
             return
         self.transaction = Transaction(sender=str(sender) if sender else "",
-                                       declared_size=declared)
+                                       declared_size=declared, body=body)
         self.reply(replies.SENDER_OK)
 
     def smtp_RCPT(self, argument: str) -> None:
@@ -424,7 +442,8 @@ class SMTPServerProtocol(Protocol):
         envelope = Envelope(id=incoming.id, sender=transaction.sender,
                             recipients=transaction.recipients,
                             received=self.gateway.clock.seconds(),
-                            client_address=self.client_host, helo=self.helo or "")
+                            client_address=self.client_host, helo=self.helo or "",
+                            extra={"body": transaction.body} if transaction.body else {})
         d = self.gateway.spool.commit(incoming, envelope)
 
         def committed(_: object) -> None:
