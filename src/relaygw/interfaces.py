@@ -8,8 +8,8 @@ retrying and bouncing are the scheduler's job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -30,14 +30,20 @@ class DeliveryResult:
     status: Status
     reply: str                  # e.g. "250 2.0.0 Ok" or "550 5.1.1 no such user"
     remote: str | None = None   # the next hop that answered, e.g. "mx1.example.test[192.0.2.1]"
+    # The destination as a whole could not be reached (no hop took the session
+    # before MAIL, or DNS failed transiently), as opposed to a reply about this
+    # recipient. The scheduler backs the whole destination off on it. A hint
+    # about the attempt, not part of the outcome: left out of ==.
+    destination_failed: bool = field(default=False, compare=False)
 
     @classmethod
     def delivered(cls, reply: str = "250 2.0.0 Ok", remote: str | None = None) -> DeliveryResult:
         return cls(Status.DELIVERED, reply, remote)
 
     @classmethod
-    def deferred(cls, reply: str, remote: str | None = None) -> DeliveryResult:
-        return cls(Status.DEFERRED, reply, remote)
+    def deferred(cls, reply: str, remote: str | None = None, *,
+                 destination_failed: bool = False) -> DeliveryResult:
+        return cls(Status.DEFERRED, reply, remote, destination_failed)
 
     @classmethod
     def failed(cls, reply: str, remote: str | None = None) -> DeliveryResult:
@@ -57,3 +63,15 @@ class IDeliverer(Interface):
         The Deferred must not errback: a transport turns its own errors into
         DEFERRED results.
         """
+
+
+class IBacklogAware(Interface):
+    """A transport that can use knowing whether more work for a destination is waiting.
+
+    Optional. The relay transport keeps a finished SMTP session open for the
+    next message only when one is ready (Postfix's on-demand connection cache).
+    """
+
+    def use_backlog(backlog: Callable[[str], int]) -> None:  # type: ignore[misc]
+        """Called once by the scheduler: ``backlog(destination)`` is how many groups
+        for that destination are ready but not yet handed to the transport."""

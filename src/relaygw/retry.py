@@ -24,3 +24,18 @@ def next_attempt_time(now: float, received: float, max_age: float, delay: float)
 
 def expired(now: float, received: float, max_age: float) -> bool:
     return now >= received + max_age
+
+
+def destination_backoff(schedule: Sequence[float], failures: int,
+                        random: Callable[[], float], jitter: float = JITTER) -> float:
+    """How long a destination that failed ``failures`` times in a row stays dead.
+
+    Starts at the schedule's first step and doubles per consecutive failure, up
+    to its last step, so a hop that is down for long is probed rarely while a
+    short outage costs little. Jittered once per mark (every message parked
+    behind it comes back at the same moment).
+    """
+    first, cap = schedule[0], max(schedule[-1], schedule[0])
+    doublings = min(max(failures, 1) - 1, 64)  # 2**64 * any step is past any cap
+    base = min(first * 2 ** doublings, cap)
+    return max(0.0, base * (1 + jitter * (2 * random() - 1)))

@@ -3,11 +3,26 @@
 One timer (``callLater``) is armed for the earliest due entry of a heap, so an
 idle queue costs nothing. A message's due recipients are grouped by
 transport and destination; each group is one transport call, bounded by a
-global and a per-destination DeferredSemaphore. Outcomes are written to the
+global and a per-destination semaphore (``Slots``). Outcomes are written to the
 spool before anything else happens: delivered recipients are done, transient
 failures wait per ``retry_schedule`` (jittered), permanent failures and
 expiry past ``max_age`` are handed to the bouncer. A message leaves the spool
 when no recipient is pending.
+
+Dead destinations (Postfix's "delivery temporarily suspended"): when a
+group's attempt fails as a whole (every result DEFERRED with
+``destination_failed``: no next hop took the session, or DNS failed
+transiently), the destination is marked dead for ``retry.destination_backoff``
+(the first retry step, doubling per consecutive failure up to the last step).
+While it is dead, groups for it never reach the transport nor take a
+concurrency slot: their recipients are parked until the dead time ends, with
+the destination's last error, and *no attempt is counted* (``attempts``
+counts real tries; the back-off that grows is the destination's own). When
+the dead time ends the parked recipients come back together; the first group
+to go is the probe and the others wait for its verdict, so a destination that
+is still down costs one transport call per back-off step, not one per
+message. Any outcome that is not a whole-destination failure (a delivery, a
+reply about a recipient) clears the mark; so does ``flush`` (ETRN).
 """
 
 from __future__ import annotations
@@ -15,20 +30,23 @@ from __future__ import annotations
 import heapq
 import itertools
 import random as random_module
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from relaygw import retry
 from relaygw.config import QueueConfig
 from relaygw.envelope import Envelope, Recipient, RecipientState
-from relaygw.interfaces import DeliveryResult, IDeliverer, Status
+from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer, Status
 from relaygw.spool import Spool
 
 Bouncer = Callable[[Envelope, list[Recipient]], Deferred[object]]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -42,8 +60,106 @@ class Event:
     delay: float
 
 
+class Slots:
+    """A DeferredSemaphore whose releases never nest.
+
+    A holder that gives its slot back at once (a group whose destination is
+    dead, or any group after stop()) would, with DeferredSemaphore, wake the
+    next waiter from inside its own release, and that one the next: hundreds
+    of queued groups overflow the stack. Here the outermost release hands
+    slots out in a loop. Waiters are served in order; a newcomer does not
+    overtake them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.tokens = limit
+        self.waiting: deque[Deferred[None]] = deque()
+        self._releasing = False
+
+    def acquire(self) -> Deferred[None]:
+        if self.tokens > 0 and not self.waiting:
+            self.tokens -= 1
+            return succeed(None)
+        d: Deferred[None] = Deferred(canceller=self._cancel)
+        self.waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        self.tokens += 1
+        if self._releasing:
+            return  # the loop below, further up the stack, hands it out
+        self._releasing = True
+        try:
+            while self.waiting and self.tokens > 0:
+                self.tokens -= 1
+                self.waiting.popleft().callback(None)
+        finally:
+            self._releasing = False
+
+    def run(self, f: Callable[[], Deferred[T]]) -> Deferred[T]:
+        """``f()`` once a slot is free; the slot is released when its Deferred fires."""
+        def execute(_: None) -> Deferred[T]:
+            return maybeDeferred(f).addBoth(self._release_and_return)
+
+        return self.acquire().addCallback(execute)
+
+    def _release_and_return(self, result: T) -> T:
+        self.release()
+        return result
+
+    def _cancel(self, d: Deferred[None]) -> None:
+        self.waiting.remove(d)
+
+
 class _NotStarted(Exception):
     """A group still waiting for a concurrency slot when the scheduler stopped."""
+
+
+class _Suspended(Exception):
+    """A group not sent to the transport: its destination is dead until ``until``."""
+
+    def __init__(self, until: float, reply: str) -> None:
+        super().__init__(reply)
+        self.until = until
+        self.reply = reply
+
+
+class _AwaitProbe(Exception):
+    """Another group is probing this destination: wait for ``verdict``, then look again."""
+
+    def __init__(self, verdict: Deferred[None]) -> None:
+        super().__init__()
+        self.verdict = verdict
+
+
+@dataclass(slots=True)
+class _Destination:
+    """A destination that failed as a whole: how often in a row, until when it is dead."""
+
+    failures: int = 0
+    dead_until: float = 0.0
+    last_error: str = ""
+    probing: bool = False
+    waiters: list[Deferred[None]] = field(default_factory=list)
+
+    def verdict(self) -> Deferred[None]:
+        """Fires when the probe in flight has an outcome (whatever it is)."""
+        d: Deferred[None] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def probe_done(self) -> None:
+        self.probing = False
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+def destination_failed(results: list[DeliveryResult]) -> bool:
+    """Whether an attempt failed for its whole destination, not for its recipients."""
+    return bool(results) and all(r.status is Status.DEFERRED and r.destination_failed
+                                 for r in results)
 
 
 class Scheduler:
@@ -66,9 +182,14 @@ class Scheduler:
         self._timer: IDelayedCall | None = None
         self._active: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
-        self._global = DeferredSemaphore(config.concurrency)
-        self._per_destination: dict[str, DeferredSemaphore] = {}
+        self._global = Slots(config.concurrency)
+        self._per_destination: dict[str, Slots] = {}
+        self._destinations: dict[str, _Destination] = {}  # only those that failed as a whole
+        self._ready: dict[str, int] = {}  # groups ready for a destination, not yet handed over
         self.running = False
+        for deliverer in deliverers.values():
+            if IBacklogAware.providedBy(deliverer):
+                deliverer.use_backlog(self.backlog)
 
     # --- feeding the queue -------------------------------------------------------
 
@@ -95,8 +216,16 @@ class Scheduler:
         heapq.heappush(self._heap, (due, next(self._sequence), envelope.id))
 
     def flush(self, domain: str | None = None, queue_id: str | None = None) -> int:
-        """Make deferred recipients due now (ETRN, ``relaygwctl queue flush``)."""
+        """Make deferred recipients due now (ETRN, ``relaygwctl queue flush``).
+
+        The destinations of the recipients made due lose their dead mark: an
+        operator (or the peer, by ETRN) saying "try now" is news that it may be up.
+        """
         count = 0
+        if domain is not None:
+            self._destinations.pop(domain.lower(), None)
+        elif queue_id is None:
+            self._destinations.clear()
         for envelope in list(self.messages.values()):
             if queue_id is not None and envelope.id != queue_id:
                 continue
@@ -105,6 +234,9 @@ class Scheduler:
                 if domain is None or recipient.domain == domain.lower():
                     recipient.next_attempt = None
                     touched = True
+                    deliverer = self.deliverers.get(recipient.action)
+                    if deliverer is not None:
+                        self._destinations.pop(deliverer.destination(recipient), None)
             if touched:
                 count += 1
                 self._push(envelope)
@@ -118,6 +250,21 @@ class Scheduler:
             self._timer.cancel()
         self._timer = None
         return DeferredList(list(self._active.values()), consumeErrors=True)
+
+    def backlog(self, destination: str) -> int:
+        """Groups for ``destination`` ready but not yet handed to the transport.
+
+        Transports use it to keep a connection open only when the next message
+        for it is already waiting (see ``IBacklogAware``).
+        """
+        return self._ready.get(destination, 0)
+
+    def dead_until(self, destination: str) -> float | None:
+        """When a dead destination may be tried again; None if it is not dead now."""
+        state = self._destinations.get(destination)
+        if state is None or state.dead_until <= self.clock.seconds():
+            return None
+        return state.dead_until
 
     # --- the timer ---------------------------------------------------------------
 
@@ -187,6 +334,11 @@ class Scheduler:
                     recipient.state = (RecipientState.DEFERRED if recipient.attempts
                                        else RecipientState.QUEUED)
                 continue
+            if not ok and results.check(_Suspended):
+                for recipient in recipients:
+                    if self._park(envelope, recipient, results.value):
+                        failed.append(recipient)
+                continue
             if not ok:
                 results = [DeliveryResult.deferred(f"451 4.3.0 internal error: "
                                                    f"{results.getErrorMessage()}")] * len(
@@ -217,17 +369,62 @@ class Scheduler:
 
     def _deliver_group(self, envelope: Envelope, action: str, destination: str,
                        recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
+        return Deferred.fromCoroutine(self._group(envelope, action, destination, recipients))
+
+    async def _group(self, envelope: Envelope, action: str, destination: str,
+                     recipients: list[Recipient]) -> list[DeliveryResult]:
+        """One group through the dead-destination gate and the concurrency slots.
+
+        The gate is passed twice: before queueing for slots (a dead destination
+        takes none) and again once they are held (the destination may have been
+        marked dead by an attempt that ended while this group waited).
+        Raises _Suspended, or _NotStarted after stop().
+        """
         deliverer = self.deliverers[action]
-        per_destination = self._per_destination.get(destination)
-        if per_destination is None:
-            per_destination = DeferredSemaphore(self.config.per_destination)
-            self._per_destination[destination] = per_destination
         message_path = self.spool.message_path(envelope.id)
+        probe: _Destination | None = None
+        waiting = True
+        self._ready[destination] = self._ready.get(destination, 0) + 1
+
+        def handed_over() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                left = self._ready.get(destination, 1) - 1
+                if left > 0:
+                    self._ready[destination] = left
+                else:
+                    self._ready.pop(destination, None)
 
         def start() -> Deferred[list[DeliveryResult]]:
+            nonlocal probe
             if not self.running:  # stop() lets attempts in flight finish, starts no more
                 raise _NotStarted()
-            return deliverer.deliver(envelope, message_path, recipients)
+            if probe is None:
+                probe = self._admit(destination)
+            handed_over()
+            d = deliverer.deliver(envelope, message_path, recipients)
+            # Before the slots are released: the groups queued behind see the verdict.
+            return d.addCallback(self._note, destination)
+
+        try:
+            while True:
+                try:
+                    probe = self._admit(destination)
+                    return await self._in_slots(destination, start)
+                except _AwaitProbe as e:
+                    await e.verdict
+        finally:
+            handed_over()
+            if probe is not None:
+                probe.probe_done()
+
+    def _in_slots(self, destination: str, start: Callable[[], Deferred[list[DeliveryResult]]]
+                  ) -> Deferred[list[DeliveryResult]]:
+        per_destination = self._per_destination.get(destination)
+        if per_destination is None:
+            per_destination = Slots(self.config.per_destination)
+            self._per_destination[destination] = per_destination
 
         def call() -> Deferred[list[DeliveryResult]]:
             return self._global.run(start)
@@ -240,6 +437,76 @@ class Scheduler:
             return result
 
         return d.addBoth(release)
+
+    # --- dead destinations ---------------------------------------------------------
+
+    def _admit(self, destination: str) -> _Destination | None:
+        """Whether a group may go to the transport now; the state it probes, if it probes.
+
+        Raises _Suspended while the destination is dead, _AwaitProbe while
+        another group's probe of it is in flight.
+        """
+        state = self._destinations.get(destination)
+        if state is None:
+            return None
+        if state.dead_until > self.clock.seconds():
+            raise _Suspended(state.dead_until, state.last_error)
+        if state.probing:
+            raise _AwaitProbe(state.verdict())
+        state.probing = True
+        return state
+
+    def _note(self, results: list[DeliveryResult], destination: str) -> list[DeliveryResult]:
+        """Mark the destination dead after a whole-destination failure; clear it otherwise."""
+        now = self.clock.seconds()
+        state = self._destinations.get(destination)
+        if not destination_failed(results):
+            if state is not None:
+                del self._destinations[destination]
+                self.log.info("destination {destination} answers again", destination=destination)
+            return results
+        if state is None:
+            self._forget_stale(now)
+            state = self._destinations[destination] = _Destination()
+        if state.dead_until > now:
+            return results  # an attempt that ran alongside the one that marked it
+        state.failures += 1
+        backoff = retry.destination_backoff(self.config.retry_schedule, state.failures,
+                                            self.random)
+        state.dead_until = now + backoff
+        state.last_error = results[-1].reply
+        self.log.warn("destination {destination} unreachable ({failures} in a row): delivery"
+                      " suspended for {backoff:.0f}s: {reply}", destination=destination,
+                      failures=state.failures, backoff=backoff, reply=state.last_error)
+        return results
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop marks long expired with nothing probing them (no mail came back for them)."""
+        horizon = max(self.config.retry_schedule)
+        for destination, state in list(self._destinations.items()):
+            if not state.probing and state.dead_until + horizon < now:
+                del self._destinations[destination]
+
+    def _park(self, envelope: Envelope, recipient: Recipient, suspended: _Suspended) -> bool:
+        """Defer without an attempt until its destination's dead time ends (not counted
+        as an attempt); True when the message has expired meanwhile."""
+        now = self.clock.seconds()
+        delay = now - envelope.received
+        recipient.last_error = suspended.reply
+        if retry.expired(now, envelope.received, self.config.max_age):
+            recipient.state = RecipientState.FAILED
+            recipient.next_attempt = None
+            recipient.last_error = (f"4.4.7 message expired after {int(delay)}s in the queue;"
+                                    f" last error: {suspended.reply}")
+            self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
+            return True
+        recipient.state = RecipientState.DEFERRED
+        recipient.next_attempt = retry.next_attempt_time(now, envelope.received,
+                                                         self.config.max_age,
+                                                         suspended.until - now)
+        self.on_event(Event("deferred", envelope, recipient,
+                            f"delivery temporarily suspended: {suspended.reply}", delay))
+        return False
 
     def _record(self, envelope: Envelope, recipient: Recipient, result: DeliveryResult) -> bool:
         """Apply one outcome; True when the recipient has now failed for good."""
@@ -267,8 +534,14 @@ class Scheduler:
             self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
             return True
         wait = retry.retry_delay(self.config.retry_schedule, recipient.attempts, self.random)
+        if result.destination_failed:
+            # Not before the destination's dead time ends: it comes back with the rest.
+            wait = max(wait, (self.dead_until(self._destination_of(recipient)) or now) - now)
         recipient.state = RecipientState.DEFERRED
         recipient.next_attempt = retry.next_attempt_time(now, envelope.received,
                                                          self.config.max_age, wait)
         self.on_event(Event("deferred", envelope, recipient, result.reply, delay))
         return False
+
+    def _destination_of(self, recipient: Recipient) -> str:
+        return self.deliverers[recipient.action].destination(recipient)

@@ -112,6 +112,18 @@ class Gateway(Service):
             self.log.warn("shutdown: deliveries still in flight were cut; they will be retried")
         if timeout.active():
             timeout.cancel()
+        for deliverer in self.scheduler.deliverers.values():
+            close = getattr(deliverer, "close", None)
+            if close is not None:  # idle outbound connections get their QUIT
+                closing = close()
+                cut = self.reactor.callLater(
+                    max(0.5, deadline - self.reactor.seconds()), closing.cancel)
+                try:
+                    await closing
+                except CancelledError:
+                    pass
+                if cut.active():
+                    cut.cancel()
         if self.disk is not None:
             self.disk.pool.stop()
 

@@ -8,6 +8,22 @@ missing or unverifiable, AUTH refused) moves on to the next hop; once MAIL is
 sent, the replies decide each recipient: 2xx delivered, 5xx failed, 4xx or a
 broken connection deferred. If every hop fails, all recipients are deferred
 with the last hop's reason: a broken MX should cost a retry, not a bounce.
+Those results (and a transient DNS failure's) carry ``destination_failed``,
+so the scheduler backs the whole destination off instead of every message
+trying on its own.
+
+Connection reuse: a session whose transaction ended cleanly (delivered, or
+refused per recipient, the server ready for the next MAIL) may be parked in
+a ``ConnectionCache`` keyed by hop address, port, name, TLS policy and
+credentials, for ``idle_timeout`` seconds and at most ``max_idle_per_hop``
+per key. The next delivery to that hop sends RSET on it and, if it answers
+250, goes straight to MAIL (no greeting, EHLO, STARTTLS or AUTH again); a
+cached session that is gone or fails its RSET is dropped and a fresh one
+opened, at no cost to the attempt. With ``reuse="demand"`` (the default,
+Postfix's on-demand connection cache) a session is parked only when the
+scheduler says more mail for its destination is ready (``IBacklogAware``),
+so a lone message still ends with QUIT at once; ``"always"`` parks every
+clean session, ``"never"`` none. ``close()`` QUITs the idle ones at shutdown.
 """
 
 from __future__ import annotations
@@ -15,13 +31,15 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -37,7 +55,7 @@ from relaygw.delivery.smtpclient import (
 )
 from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
-from relaygw.interfaces import DeliveryResult, IDeliverer
+from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
 from relaygw.routing import Router
 
 # What a broken session raises: each means "no reply", never "a reply that said no".
@@ -46,6 +64,15 @@ SESSION_ERRORS = (SMTPTimeout, SMTPProtocolError, ConnectionLost)
 DEFAULT_TIMEOUTS = Timeouts()
 
 Connector = Callable[[Hop], Deferred[SMTPClientProtocol]]
+
+IDLE_TIMEOUT = 2.0       # seconds a clean session waits for the next message to its hop
+MAX_IDLE_PER_HOP = 2     # parked sessions per cache key
+MAX_TRANSACTIONS = 100   # then QUIT: bounds what one long-lived session can go wrong with
+
+Reuse = Literal["demand", "always", "never"]
+# (address, port, hostname, TLS policy, CA file, username, password file): a session
+# is only reused for a delivery that would have opened exactly the same one.
+CacheKey = tuple[str, int, str, str, Path | None, str | None, Path | None]
 
 
 class HopFailed(Exception):
@@ -88,7 +115,103 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@implementer(IDeliverer)
+@dataclass(eq=False)
+class IdleSession:
+    """A session parked between transactions, ready for RSET then MAIL."""
+
+    proto: SMTPClientProtocol
+    extensions: dict[str, str]  # what its EHLO offered (after STARTTLS, if any)
+    transactions: int           # done on it so far
+    timer: IDelayedCall | None = None
+
+
+class ConnectionCache:
+    """Idle outbound sessions per hop, QUIT after ``idle_timeout`` or at ``close()``.
+
+    A session the server drops while idle leaves the cache by itself.
+    """
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
+                 per_key: int = MAX_IDLE_PER_HOP, quit_timeout: float = 30.0) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.per_key = per_key
+        self.quit_timeout = quit_timeout
+        self.closed = False
+        self._idle: dict[CacheKey, list[IdleSession]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(sessions) for sessions in self._idle.values())
+
+    def has(self, key: CacheKey) -> bool:
+        return bool(self._idle.get(key))
+
+    def put(self, key: CacheKey, idle: IdleSession) -> bool:
+        """Park ``idle``; False (the caller QUITs it) when closed or full."""
+        sessions = self._idle.setdefault(key, [])
+        if self.closed or self.idle_timeout <= 0 or len(sessions) >= self.per_key:
+            if not sessions:
+                del self._idle[key]
+            return False
+        sessions.append(idle)
+        idle.timer = self.clock.callLater(self.idle_timeout, self._expire, key, idle)
+        idle.proto.closed.addCallback(self._lost, key, idle)
+        return True
+
+    def take(self, key: CacheKey) -> IdleSession | None:
+        """The most recently parked session for ``key`` (the least likely to have timed out)."""
+        sessions = self._idle.get(key)
+        if not sessions:
+            return None
+        idle = sessions[-1]
+        self._remove(key, idle)
+        return idle
+
+    def close(self) -> Deferred[None]:
+        """QUIT every idle session and park no more; fires when they are closed."""
+        self.closed = True
+        idle = [i for sessions in self._idle.values() for i in sessions]
+        for sessions in list(self._idle.values()):
+            for i in list(sessions):
+                self._remove_from(sessions, i)
+        self._idle.clear()
+        for i in idle:
+            i.proto.quit(self.quit_timeout)
+        if not idle:
+            return succeed(None)
+        return DeferredList([i.proto.closed for i in idle],
+                            consumeErrors=True).addCallback(lambda _: None)
+
+    def _lost(self, result: None, key: CacheKey, idle: IdleSession) -> None:
+        """The server closed a parked session (its own idle timeout, a restart)."""
+        self._remove(key, idle)
+        return result
+
+    def _expire(self, key: CacheKey, idle: IdleSession) -> None:
+        idle.timer = None
+        if self._remove(key, idle):
+            idle.proto.quit(self.quit_timeout)
+
+    def _remove(self, key: CacheKey, idle: IdleSession) -> bool:
+        sessions = self._idle.get(key)
+        if sessions is None or not self._remove_from(sessions, idle):
+            return False
+        if not sessions:
+            del self._idle[key]
+        return True
+
+    @staticmethod
+    def _remove_from(sessions: list[IdleSession], idle: IdleSession) -> bool:
+        if idle not in sessions:
+            return False
+        sessions.remove(idle)
+        if idle.timer is not None and idle.timer.active():
+            idle.timer.cancel()
+        idle.timer = None
+        return True
+
+
+@implementer(IDeliverer, IBacklogAware)
 class SMTPRelayDeliverer:
     """Relays to the next hop of each recipient domain over SMTP."""
 
@@ -96,11 +219,14 @@ class SMTPRelayDeliverer:
 
     def __init__(self, config: Config, reactor: Any, resolver: NextHopResolver,
                  hostname: str | None = None, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
-                 connect: Connector | None = None) -> None:
+                 connect: Connector | None = None, reuse: Reuse = "demand",
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 max_idle_per_hop: int = MAX_IDLE_PER_HOP) -> None:
         """``reactor`` provides IReactorTCP and IReactorTime (a MemoryReactorClock in tests).
 
         ``connect`` replaces the TCP connection to a hop (tests); by default a
-        TCP4/TCP6 client endpoint on ``reactor``.
+        TCP4/TCP6 client endpoint on ``reactor``. ``reuse`` says when a clean
+        session is parked for the next message (see the module docstring).
         """
         self.config = config
         self._reactor = reactor
@@ -110,13 +236,42 @@ class SMTPRelayDeliverer:
         self._connect = connect or self._connect_tcp
         self._router = Router(config)
         self._trust_roots: dict[Path | None, Any] = {}
+        self.reuse = reuse
+        self.cache = ConnectionCache(reactor, idle_timeout, max_idle_per_hop, timeouts.quit)
+        self._backlog: Callable[[str], int] = lambda destination: 0
+
+    # --- IBacklogAware, shutdown ---------------------------------------------------
+
+    def use_backlog(self, backlog: Callable[[str], int]) -> None:
+        self._backlog = backlog
+
+    def close(self) -> Deferred[None]:
+        """At shutdown, once no delivery is in flight: QUIT the idle sessions.
+
+        Fires when they are closed (each QUIT has the quit timeout, then the
+        connection is dropped). Later deliveries still work, without reuse.
+        """
+        return self.cache.close()
+
+    def keep_session(self, destination: str) -> bool:
+        """Whether a clean session to ``destination`` is worth parking now."""
+        if self.reuse == "always":
+            return True
+        return self.reuse == "demand" and self._backlog(destination) > 0
 
     # --- IDeliverer ----------------------------------------------------------------
 
     def destination(self, recipient: Recipient) -> str:
         route = self._router.find_route(recipient.domain)
         if route is not None and route.via is not None:
-            return format_hostport(*route.via)
+            # Routes sharing a smarthost may differ in TLS policy, CA or credentials; the
+            # session is set up from one route, so only recipients that agree share it
+            # (else a tls = "none" route's recipient would take a "required" one in clear).
+            settings = [f"{name}={value}" for name, value in (
+                ("tls", route.tls), ("ca_file", route.ca_file), ("username", route.username),
+                ("password_file", route.password_file)) if value is not None]
+            hostport = format_hostport(*route.via)
+            return f"{hostport} ({', '.join(settings)})" if settings else hostport
         return recipient.domain
 
     def deliver(self, envelope: Envelope, message_path: Path,
@@ -152,19 +307,30 @@ class SMTPRelayDeliverer:
                                                            self.config.relay.mx_port)
         except DNSError as e:
             result = (DeliveryResult.failed(e.reply) if e.permanent
-                      else DeliveryResult.deferred(e.reply))
+                      else DeliveryResult.deferred(e.reply, destination_failed=True))
             return _all(recipients, result)
-        last = DeliveryResult.deferred("451 4.4.4 No next hop to try")
+        destination = self.destination(recipients[0])
+        keys = {hop: self.cache_key(hop, route, policy) for hop in hops}
+        # A hop with a session waiting goes first (Postfix looks its cache up by
+        # destination too); the order is otherwise the resolver's.
+        hops = sorted(hops, key=lambda hop: not self.cache.has(keys[hop]))
+        last = DeliveryResult.deferred("451 4.4.4 No next hop to try", destination_failed=True)
         for hop in hops:
             session = _Session(self, hop, route, policy, envelope, message_path, size,
-                               recipients)
+                               recipients, destination, keys[hop])
             try:
                 return await session.run()
             except HopFailed as e:
                 self.log.info("{queue_id}: {remote}: {reply}; trying the next hop if any",
                               queue_id=envelope.id, remote=hop.label, reply=e.reply)
-                last = DeliveryResult.deferred(e.reply, hop.label)
+                last = DeliveryResult.deferred(e.reply, hop.label, destination_failed=True)
         return _all(recipients, last)
+
+    def cache_key(self, hop: Hop, route: RouteConfig | None, policy: TLSPolicy) -> CacheKey:
+        username = route.username if route is not None else None
+        password_file = route.password_file if route is not None else None
+        ca_file = route.ca_file if route is not None and policy == "verify" else None
+        return (hop.address, hop.port, hop.hostname, policy, ca_file, username, password_file)
 
     # --- the parts a session needs ---------------------------------------------------
 
@@ -192,7 +358,7 @@ class _Session:
 
     def __init__(self, deliverer: SMTPRelayDeliverer, hop: Hop, route: RouteConfig | None,
                  policy: TLSPolicy, envelope: Envelope, message_path: Path, size: int,
-                 recipients: Sequence[Recipient]) -> None:
+                 recipients: Sequence[Recipient], destination: str, key: CacheKey) -> None:
         self.deliverer = deliverer
         self.hop = hop
         self.route = route
@@ -202,31 +368,79 @@ class _Session:
         self.size = size
         self.recipients = recipients
         self.t = deliverer._timeouts
+        self.destination = destination
+        self.key = key
         self.proto: SMTPClientProtocol
         self.in_data = False  # the server may read whatever we write as message text
+        self.clean = False    # the transaction ended with the server ready for the next
+        self.transactions = 0
 
     async def run(self) -> list[DeliveryResult]:
+        extensions = await self._reuse()
+        if extensions is None:
+            extensions = await self._connect()
+        self.transactions += 1
+        try:
+            results = await self._transaction(extensions)
+        finally:
+            self._release(extensions)
+        return results
+
+    async def _reuse(self) -> dict[str, str] | None:
+        """A parked session to this hop that answers RSET; None if there is none.
+
+        One that is gone or fails its RSET is dropped: not the hop's fault, so
+        not a HopFailed, and the caller opens a fresh one.
+        """
+        while (idle := self.deliverer.cache.take(self.key)) is not None:
+            proto = idle.proto
+            if proto.lost or proto.pending_input:  # gone, or said something unasked (421)
+                proto.quit(self.t.quit)
+                continue
+            try:
+                reply = await proto.command(b"RSET", self.t.rset)
+            except SESSION_ERRORS as e:
+                proto.abort()
+                self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
+                                         remote=self.hop.label, error=e)
+                continue
+            if reply.code != 250:
+                proto.quit(self.t.quit)
+                continue
+            self.proto = proto
+            self.transactions = idle.transactions
+            return idle.extensions
+        return None
+
+    async def _connect(self) -> dict[str, str]:
         try:
             self.proto = await self.deliverer._connect(self.hop)
         except Exception as e:  # any connection failure is this hop's
             raise HopFailed(f"451 4.4.1 Connection to {self.hop.label} failed: "
                             f"{_reason(e)}") from None
         try:
-            extensions = await self._open()
+            return await self._open()
         except HopFailed:
             self.proto.quit(self.t.quit)
             raise
         except SESSION_ERRORS as e:
             self.proto.abort()
             raise HopFailed(f"451 4.4.2 {self.hop.label}: {e}") from None
-        try:
-            results = await self._transaction(extensions)
-        finally:
-            if self.in_data:
-                self.proto.abort()
-            else:
-                self.proto.quit(self.t.quit)
-        return results
+
+    def _release(self, extensions: dict[str, str]) -> None:
+        """After the transaction: abort mid-DATA, park a clean session if wanted, else QUIT."""
+        proto = self.proto
+        if self.in_data:
+            proto.abort()
+            return
+        usable = (self.clean and not proto.lost
+                  and not getattr(proto.transport, "disconnecting", False)
+                  and self.transactions < MAX_TRANSACTIONS)
+        if usable and self.deliverer.keep_session(self.destination):
+            if self.deliverer.cache.put(self.key, IdleSession(proto, extensions,
+                                                              self.transactions)):
+                return
+        proto.quit(self.t.quit)
 
     # --- before MAIL: failures here move on to the next hop -----------------------
 
@@ -318,9 +532,11 @@ class _Session:
         remote = self.hop.label
         limit = extensions.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < self.size:
+            self.clean = True  # nothing was sent: the session is as it was
             return _all(self.recipients, DeliveryResult.failed(
                 f"552 5.3.4 Message size {self.size} exceeds the limit of {int(limit)} "
                 f"of {self.hop.hostname}", remote))
+        self.clean = True  # until a reply says otherwise
         mail = self._mail_command(extensions)
         rcpts = [b"RCPT TO:<" + r.address.encode("utf-8") + b">" for r in self.recipients]
         if "PIPELINING" in extensions:
@@ -362,6 +578,7 @@ class _Session:
 
     async def _settle(self, replies: list[Reply | Exception]) -> list[DeliveryResult]:
         """Per-recipient results from the MAIL/RCPT/DATA replies, sending the message if due."""
+        self._check(*replies)
         count = len(self.recipients)
         mail = replies[0]
         rcpt_replies = replies[1:1 + count]
@@ -385,6 +602,7 @@ class _Session:
         else:
             final = await self._send_message()
             self.in_data = False
+            self._check(final)
         outcome = self._outcome(final)
         return [outcome if r is None else r for r in results]
 
@@ -396,6 +614,11 @@ class _Session:
         except (*SESSION_ERRORS, OSError) as e:
             self.proto.abort()
             return e
+
+    def _check(self, *replies: Reply | Exception) -> None:
+        """A missing reply or a 421 (closing) leaves the session unfit for another MAIL."""
+        if any(isinstance(r, Exception) or r.code == 421 for r in replies):
+            self.clean = False
 
     def _outcome(self, reply: Reply | Exception) -> DeliveryResult:
         remote = self.hop.label

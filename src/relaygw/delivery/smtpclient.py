@@ -32,7 +32,8 @@ class Timeouts:
 
     connect: float = 30.0
     greeting: float = 300.0
-    command: float = 300.0      # EHLO, HELO, STARTTLS, AUTH, RSET
+    command: float = 300.0      # EHLO, HELO, STARTTLS, AUTH
+    rset: float = 20.0          # probing a cached idle session (Postfix's smtp_rset_timeout)
     mail: float = 300.0
     rcpt: float = 300.0
     data_init: float = 120.0

@@ -1,0 +1,454 @@
+"""Connection reuse in the relay transport, and what it tells the scheduler about hops.
+
+The deliverer runs on a MemoryReactorClock with scripted servers behind its
+real TCP endpoints (iosim); every pump is kept, so a parked session can be
+driven again by the next delivery. ``World.run()`` moves bytes until nothing
+moves; ``World.advance()`` moves the clock first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.test.iosim import ConnectionCompleter, IOPump
+
+from core_fakes import queue_message, recipient, sync_run
+from relaygw.config import Config, QueueConfig, parse_config
+from relaygw.delivery.smtp import ConnectionCache, IdleSession, SMTPRelayDeliverer
+from relaygw.delivery.smtpclient import SMTPClientProtocol, Timeouts
+from relaygw.dns import Hop, NextHopResolver, NXDomain, lookup_failed
+from relaygw.envelope import Envelope
+from relaygw.interfaces import DeliveryResult, IBacklogAware, Status
+from relaygw.scheduler import Scheduler
+from relaygw.spool import Spool
+from test_smtp_client import (
+    MX1,
+    MX2,
+    MX_PORT,
+    FakeLookup,
+    FakeSMTPServer,
+    Script,
+    config,
+    envelope,
+    message,
+    result_of,
+    two_mx_resolver,
+)
+
+EHLO = "EHLO relay.example.test"
+QUEUED = "250 2.0.0 Ok: queued as ABC"
+
+
+@dataclass
+class ReuseScript(Script):
+    rset: str | None = "250 2.0.0 Ok"  # None: never answer RSET
+
+
+class ReuseServer(FakeSMTPServer):
+    """The test_smtp_client fake server, plus RSET."""
+
+    script: ReuseScript
+
+    def command(self, line: str) -> None:
+        if line.upper() == "RSET" and self._auth_login is None:
+            self.commands.append(line)
+            if self.script.rset is not None:
+                self.reply(self.script.rset)
+            return
+        super().command(line)
+
+
+class ReuseFactory(Factory):
+    """Each connection takes the next script; the last one repeats."""
+
+    def __init__(self, *scripts: ReuseScript) -> None:
+        self.scripts = list(scripts)
+        self.servers: list[ReuseServer] = []
+
+    def buildProtocol(self, addr: object) -> ReuseServer:
+        script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
+        server = ReuseServer(script)
+        self.servers.append(server)
+        return server
+
+
+class World:
+    def __init__(self, *scripts: ReuseScript, cfg: Config | None = None,
+                 resolver: NextHopResolver | None = None, **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.factory = ReuseFactory(*(scripts or (ReuseScript(),)))
+        self.reactor.listenTCP(MX_PORT, self.factory)
+        self.completer = ConnectionCompleter(self.reactor)
+        self.pumps: list[IOPump] = []
+        options.setdefault("reuse", "always")
+        self.deliverer = SMTPRelayDeliverer(cfg or config(), self.reactor,
+                                            resolver or two_mx_resolver(), **options)
+        self.refuse = 0  # how many connection attempts to refuse
+        self.connections = 0
+
+    def run(self) -> None:
+        """Complete connections and move bytes (and callLater(0)s) until nothing moves."""
+        while True:
+            self.reactor.advance(0)
+            moved = False
+            while self.reactor.tcpClients:
+                moved = True
+                if self.refuse:
+                    self.refuse -= 1
+                    self.completer.failOnce()
+                    continue
+                pump = self.completer.succeedOnce()
+                assert pump is not None
+                self.connections += 1
+                self.pumps.append(pump)
+            for pump in self.pumps:
+                moved = pump.flush() or moved
+            if not moved:
+                return
+
+    def deliver(self, env: Envelope, path: Path) -> Deferred[list[DeliveryResult]]:
+        d = self.deliverer.deliver(env, path, env.recipients)
+        self.run()
+        return d
+
+    def delivered(self, env: Envelope, path: Path) -> list[DeliveryResult]:
+        return result_of(self.deliver(env, path))  # type: ignore[no-any-return]
+
+    def advance(self, seconds: float) -> None:
+        self.reactor.advance(seconds)
+        self.run()
+
+    @property
+    def servers(self) -> list[ReuseServer]:
+        return self.factory.servers
+
+
+def verbs(server: FakeSMTPServer) -> list[str]:
+    return [c.split(" ", 1)[0].split(":", 1)[0] for c in server.commands]
+
+
+# --- reuse ------------------------------------------------------------------------------
+
+
+def test_two_deliveries_in_a_row_share_one_connection(tmp_path: Path) -> None:
+    world = World()
+    path = message(tmp_path)
+    assert world.delivered(envelope("a@example.test"), path) == [
+        DeliveryResult.delivered(QUEUED, MX1)]
+    assert world.delivered(envelope("b@example.test", "c@example.test"), path) == [
+        DeliveryResult.delivered(QUEUED, MX1)] * 2
+    [server] = world.servers
+    assert world.connections == 1
+    assert server.commands == [
+        EHLO, "MAIL FROM:<alice@origin.test> SIZE=23", "RCPT TO:<a@example.test>", "DATA",
+        "RSET", "MAIL FROM:<alice@origin.test> SIZE=23", "RCPT TO:<b@example.test>",
+        "RCPT TO:<c@example.test>", "DATA"]
+    assert len(server.messages) == 2
+    assert len(world.deliverer.cache) == 1
+
+
+def test_an_idle_session_is_quit_after_the_idle_time(tmp_path: Path) -> None:
+    world = World(idle_timeout=2.0)
+    world.delivered(envelope("a@example.test"), message(tmp_path))
+    [server] = world.servers
+    world.advance(1.9)
+    assert "QUIT" not in server.commands
+    world.advance(0.1)
+    assert server.commands[-1] == "QUIT"
+    assert server.closed.called
+    assert len(world.deliverer.cache) == 0
+    assert world.reactor.getDelayedCalls() == []
+    # the next one opens a fresh session
+    world.delivered(envelope("b@example.test"), message(tmp_path))
+    assert world.connections == 2
+    assert verbs(world.servers[1])[:2] == ["EHLO", "MAIL"]
+
+
+def test_reuse_restarts_the_idle_time(tmp_path: Path) -> None:
+    world = World(idle_timeout=2.0)
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    world.advance(1.5)
+    world.delivered(envelope("b@example.test"), path)
+    world.advance(1.5)
+    assert "QUIT" not in world.servers[0].commands
+    world.advance(0.5)
+    assert world.servers[0].commands[-1] == "QUIT"
+
+
+def test_a_session_the_server_closed_while_idle_is_forgotten(tmp_path: Path) -> None:
+    world = World()
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    world.servers[0].transport.loseConnection()
+    world.run()
+    assert len(world.deliverer.cache) == 0
+    assert world.delivered(envelope("b@example.test"), path) == [
+        DeliveryResult.delivered(QUEUED, MX1)]
+    assert world.connections == 2
+    assert "RSET" not in world.servers[0].commands
+
+
+@pytest.mark.parametrize("rset", ["421 4.4.2 mx.example.test idle too long",
+                                  "502 5.5.2 Error: command not recognized"])
+def test_a_refused_rset_falls_back_to_a_new_connection_to_the_same_hop(
+        tmp_path: Path, rset: str) -> None:
+    world = World(ReuseScript(rset=rset), ReuseScript())
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    # not a hop failure: the same (first) MX, on a fresh connection
+    assert world.delivered(envelope("b@example.test"), path) == [
+        DeliveryResult.delivered(QUEUED, MX1)]
+    first, second = world.servers
+    assert first.commands[-2:] == ["RSET", "QUIT"]
+    assert verbs(second) == ["EHLO", "MAIL", "RCPT", "DATA"]
+
+
+def test_an_unanswered_rset_times_out_and_falls_back(tmp_path: Path) -> None:
+    world = World(ReuseScript(rset=None), ReuseScript(), timeouts=Timeouts(rset=20))
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    d = world.deliver(envelope("b@example.test"), path)
+    world.advance(19)
+    assert not d.called
+    world.advance(1)
+    assert result_of(d) == [DeliveryResult.delivered(QUEUED, MX1)]
+    assert world.connections == 2
+    assert world.servers[0].closed.called
+
+
+def test_a_session_that_spoke_while_idle_is_not_reused(tmp_path: Path) -> None:
+    world = World()
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    world.servers[0].reply("421 4.4.2 shutting down")  # ... but has not closed yet
+    world.run()
+    assert world.delivered(envelope("b@example.test"), path)[0].status is Status.DELIVERED
+    assert "RSET" not in world.servers[0].commands
+    assert world.servers[0].commands[-1] == "QUIT"
+    assert world.connections == 2
+
+
+def test_per_recipient_refusals_leave_the_session_reusable(tmp_path: Path) -> None:
+    world = World(ReuseScript(rcpt={"x@example.test": "550 5.1.1 unknown"},
+                              mail="250 2.1.0 Ok"))
+    path = message(tmp_path)
+    results = world.delivered(envelope("x@example.test", "a@example.test"), path)
+    assert [r.status for r in results] == [Status.FAILED, Status.DELIVERED]
+    assert len(world.deliverer.cache) == 1
+    assert world.delivered(envelope("b@example.test"), path)[0].status is Status.DELIVERED
+    assert world.connections == 1
+
+
+def test_a_refused_mail_from_leaves_the_session_reusable(tmp_path: Path) -> None:
+    # Without PIPELINING: only MAIL is sent (this fake would answer a pipelined DATA 354).
+    world = World(ReuseScript(mail="553 5.7.1 Sender rejected", extensions=["SIZE 1000000"]))
+    path = message(tmp_path)
+    assert world.delivered(envelope("a@example.test"), path)[0].status is Status.FAILED
+    assert len(world.deliverer.cache) == 1
+    assert world.delivered(envelope("b@example.test"), path)[0].status is Status.FAILED
+    assert world.connections == 1
+    assert verbs(world.servers[0]).count("RSET") == 1
+
+
+@pytest.mark.parametrize("script", [ReuseScript(final="421 4.3.0 closing"),
+                                    ReuseScript(drop_after_dot=True)],
+                         ids=["421-final", "dropped-after-dot"])
+def test_a_broken_transaction_is_never_parked(tmp_path: Path, script: ReuseScript) -> None:
+    world = World(script)
+    assert world.delivered(envelope("a@example.test"),
+                           message(tmp_path))[0].status is Status.DEFERRED
+    assert len(world.deliverer.cache) == 0
+    assert world.servers[0].closed.called
+
+
+def test_at_most_max_idle_per_hop_are_kept(tmp_path: Path) -> None:
+    world = World(max_idle_per_hop=1)
+    path = message(tmp_path)
+    first = world.deliverer.deliver(envelope("a@example.test"), path,
+                                    envelope("a@example.test").recipients)
+    second = world.deliverer.deliver(envelope("b@example.test"), path,
+                                     envelope("b@example.test").recipients)
+    world.run()
+    assert result_of(first)[0].status is result_of(second)[0].status is Status.DELIVERED
+    assert world.connections == 2
+    assert len(world.deliverer.cache) == 1
+    assert sum(s.commands[-1] == "QUIT" for s in world.servers) == 1
+
+
+def test_a_hop_with_a_waiting_session_is_tried_first(tmp_path: Path) -> None:
+    world = World()
+    path = message(tmp_path)
+    world.refuse = 1  # MX1 is refused: MX2 takes the first message
+    assert world.delivered(envelope("a@example.test"), path)[0].remote == MX2
+    assert world.delivered(envelope("b@example.test"), path)[0].remote == MX2
+    assert world.connections == 1  # MX1 was not tried again: MX2's session was waiting
+
+
+def test_sessions_are_keyed_by_hop_tls_and_credentials(tmp_path: Path) -> None:
+    cfg = parse_config(f"""
+[[listener]]
+endpoint = "tcp:2525"
+[[route]]
+domains = ["auth.test"]
+action = "relay"
+via = "127.0.0.2:{MX_PORT}"
+username = "relay"
+password_file = "{tmp_path / 'secret'}"
+[[route]]
+domains = ["*"]
+action = "relay"
+""")
+    deliverer = SMTPRelayDeliverer(cfg, MemoryReactorClock(), two_mx_resolver())
+    hop = Hop("mx1.example.test", "127.0.0.2", MX_PORT)
+    with_auth, plain = cfg.routes[0], cfg.routes[1]
+    keys = {deliverer.cache_key(hop, with_auth, "none"),
+            deliverer.cache_key(hop, plain, "none"),
+            deliverer.cache_key(hop, plain, "opportunistic"),
+            deliverer.cache_key(Hop("other.example.test", "127.0.0.2", MX_PORT), plain, "none"),
+            deliverer.cache_key(Hop("mx1.example.test", "127.0.0.2", 25), plain, "none")}
+    assert len(keys) == 5
+    assert deliverer.cache_key(hop, plain, "none") == deliverer.cache_key(hop, None, "none")
+
+
+def test_close_quits_idle_sessions_and_parks_no_more(tmp_path: Path) -> None:
+    world = World()
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    closed = world.deliverer.close()
+    world.run()
+    assert world.servers[0].commands[-1] == "QUIT"
+    assert result_of(closed) is None
+    assert world.reactor.getDelayedCalls() == []
+    world.delivered(envelope("b@example.test"), path)
+    assert world.servers[1].commands[-1] == "QUIT"  # at once: no parking after close()
+    assert len(world.deliverer.cache) == 0
+    assert result_of(world.deliverer.close()) is None  # again, with nothing idle
+
+
+def test_never_means_quit_at_once(tmp_path: Path) -> None:
+    world = World(reuse="never")
+    world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert world.servers[0].commands[-1] == "QUIT"
+
+
+# --- on demand: park only when the scheduler has more for the destination -------------
+
+
+def test_on_demand_a_lone_message_quits_at_once(tmp_path: Path) -> None:
+    world = World(reuse="demand")
+    asked: list[str] = []
+    world.deliverer.use_backlog(lambda destination: asked.append(destination) or 0)
+    world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert world.servers[0].commands[-1] == "QUIT"
+    assert asked == ["example.test"]
+
+
+def test_on_demand_a_backlog_keeps_the_session(tmp_path: Path) -> None:
+    world = World(reuse="demand")
+    world.deliverer.use_backlog(lambda destination: 1)
+    world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert "QUIT" not in world.servers[0].commands
+    assert len(world.deliverer.cache) == 1
+
+
+def test_with_the_scheduler_messages_ready_together_share_a_connection(
+        tmp_path: Path) -> None:
+    world = World(reuse="demand")
+    assert IBacklogAware.providedBy(world.deliverer)
+    spool = Spool(tmp_path / "spool", sync_run)
+    spool.prepare()
+    queue = QueueConfig(directory=tmp_path / "spool", per_destination=1)
+    scheduler = Scheduler(spool, {"relay": world.deliverer}, world.reactor, queue,
+                          random=lambda: 0.5)
+    scheduler.start()
+    for i in range(3):
+        scheduler.enqueue(queue_message(spool, [recipient(f"u{i}@example.test")]))
+    world.run()
+    assert scheduler.messages == {}
+    [server] = world.servers
+    assert verbs(server) == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA",
+                             "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(server.messages) == 3
+    assert len(world.deliverer.cache) == 0  # the last one had nothing behind it
+
+
+# --- what the relay transport tells the scheduler ------------------------------------
+
+
+def test_every_hop_failing_is_a_destination_failure(tmp_path: Path) -> None:
+    world = World(ReuseScript(greeting="421 4.3.2 busy"), ReuseScript(greeting="554 5.7.1 No"))
+    results = world.delivered(envelope("a@example.test", "b@example.test"), message(tmp_path))
+    assert [(r.status, r.destination_failed) for r in results] == [(Status.DEFERRED, True)] * 2
+
+
+def test_no_hop_connecting_is_a_destination_failure(tmp_path: Path) -> None:
+    world = World()
+    world.refuse = 2
+    [result] = world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert result.destination_failed
+    assert result.reply.startswith("451 4.4.1 Connection to mx2.example.test")
+
+
+@pytest.mark.parametrize(("error", "status", "flag"), [
+    (lookup_failed("timeout"), Status.DEFERRED, True),
+    (NXDomain("example.test"), Status.FAILED, False),
+])
+def test_dns_failures(tmp_path: Path, error: Exception, status: Status, flag: bool) -> None:
+    world = World(resolver=NextHopResolver(FakeLookup({("example.test", "MX"): error})))
+    [result] = world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert (result.status, result.destination_failed) == (status, flag)
+
+
+@pytest.mark.parametrize("script", [
+    ReuseScript(rcpt={"a@example.test": "452 4.2.2 Mailbox full"}),
+    ReuseScript(mail="451 4.3.0 try later"),
+    ReuseScript(drop_after_dot=True),
+], ids=["rcpt-4xx", "mail-4xx", "dropped-after-dot"])
+def test_replies_after_mail_are_never_destination_failures(tmp_path: Path,
+                                                          script: ReuseScript) -> None:
+    world = World(script, reuse="never")
+    [result] = world.delivered(envelope("a@example.test"), message(tmp_path))
+    assert result.status is Status.DEFERRED
+    assert not result.destination_failed
+
+
+# --- the cache and the protocol on their own --------------------------------------------
+
+
+def test_the_cache_hands_out_the_newest_session_and_drops_lost_ones() -> None:
+    clock = MemoryReactorClock()
+    cache = ConnectionCache(clock, idle_timeout=5, per_key=3)
+    key = ("127.0.0.2", 25, "mx", "none", None, None, None)
+    protos = []
+    for _ in range(3):
+        proto = SMTPClientProtocol(clock)
+        proto.makeConnection(StringTransport())
+        protos.append(proto)
+        assert cache.put(key, IdleSession(proto, {}, 1))
+    protos[2].connectionLost()
+    assert len(cache) == 2
+    taken = cache.take(key)
+    assert taken is not None and taken.proto is protos[1]
+    assert len(clock.getDelayedCalls()) == 1  # its timer went with it
+    clock.advance(5)
+    assert protos[0].transport.value() == b"QUIT\r\n"
+    assert cache.take(key) is None
+
+
+def test_tcp_nodelay_is_set_on_connect() -> None:
+    class NoDelayTransport(StringTransport):
+        no_delay: bool | None = None
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.no_delay = enabled
+
+    transport = NoDelayTransport()
+    SMTPClientProtocol(MemoryReactorClock()).makeConnection(transport)
+    assert transport.no_delay is True
