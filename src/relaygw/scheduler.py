@@ -328,6 +328,10 @@ class Scheduler:
                     for (action, destination), recipients in groups.items()]
         outcomes = await DeferredList(attempts, consumeErrors=True)
         failed: list[Recipient] = []
+        # Whether anything worth a disk write happened: a recipient parked behind
+        # a dead destination, or never started, changed nothing that a restart
+        # would need (it would just be tried at once), so it costs no fsync.
+        attempted = False
         for (ok, results), recipients in zip(outcomes, groups.values(), strict=True):
             if not ok and results.check(_NotStarted):
                 for recipient in recipients:  # never tried: as it was, no attempt counted
@@ -338,7 +342,9 @@ class Scheduler:
                 for recipient in recipients:
                     if self._park(envelope, recipient, results.value):
                         failed.append(recipient)
+                        attempted = True
                 continue
+            attempted = True
             if not ok:
                 results = [DeliveryResult.deferred(f"451 4.3.0 internal error: "
                                                    f"{results.getErrorMessage()}")] * len(
@@ -354,7 +360,8 @@ class Scheduler:
                 self.log.failure("cannot queue the bounce for {id}", id=envelope.id)
         try:
             if envelope.pending:
-                await self.spool.save(envelope)
+                if attempted:
+                    await self.spool.save(envelope)
             else:
                 await self.spool.remove(envelope.id)
                 self.messages.pop(envelope.id, None)

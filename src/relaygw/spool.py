@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import secrets
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +39,7 @@ from relaygw.envelope import Envelope
 T = TypeVar("T")
 BUFFER_LIMIT = 64 * 1024
 _ids = itertools.count()
+_random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
 
 class BlockingRunner(Protocol):
@@ -50,7 +51,7 @@ def new_queue_id() -> str:
     microseconds, then a counter and randomness against collisions across
     restarts and instances sharing nothing."""
     micros = time.time_ns() // 1000
-    return f"{micros:013X}{next(_ids) % 4096:03X}{secrets.randbelow(4096):03X}"
+    return f"{micros:013X}{next(_ids) % 4096:03X}{_random.getrandbits(12):03X}"
 
 
 def is_queue_id(text: str) -> bool:
