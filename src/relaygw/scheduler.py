@@ -500,12 +500,7 @@ class Scheduler:
         now = self.clock.seconds()
         delay = now - envelope.received
         recipient.last_error = suspended.reply
-        if retry.expired(now, envelope.received, self.config.max_age):
-            recipient.state = RecipientState.FAILED
-            recipient.next_attempt = None
-            recipient.last_error = (f"4.4.7 message expired after {int(delay)}s in the queue;"
-                                    f" last error: {suspended.reply}")
-            self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
+        if self._expire(envelope, recipient, suspended.reply, now):
             return True
         recipient.state = RecipientState.DEFERRED
         recipient.next_attempt = retry.next_attempt_time(now, envelope.received,
@@ -514,6 +509,18 @@ class Scheduler:
         self.on_event(Event("deferred", envelope, recipient,
                             f"delivery temporarily suspended: {suspended.reply}", delay))
         return False
+
+    def _expire(self, envelope: Envelope, recipient: Recipient, reply: str, now: float) -> bool:
+        """Fail a recipient still deferred past max_age (4.4.7); True when it did."""
+        if not retry.expired(now, envelope.received, self.config.max_age):
+            return False
+        delay = now - envelope.received
+        recipient.state = RecipientState.FAILED
+        recipient.next_attempt = None
+        recipient.last_error = (f"4.4.7 message expired after {int(delay)}s in the queue;"
+                                f" last error: {reply}")
+        self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
+        return True
 
     def _record(self, envelope: Envelope, recipient: Recipient, result: DeliveryResult) -> bool:
         """Apply one outcome; True when the recipient has now failed for good."""
@@ -533,12 +540,7 @@ class Scheduler:
             recipient.next_attempt = None
             self.on_event(Event("bounced", envelope, recipient, result.reply, delay))
             return True
-        if retry.expired(now, envelope.received, self.config.max_age):
-            recipient.state = RecipientState.FAILED
-            recipient.next_attempt = None
-            recipient.last_error = (f"4.4.7 message expired after {int(delay)}s in the queue;"
-                                    f" last error: {result.reply}")
-            self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
+        if self._expire(envelope, recipient, result.reply, now):
             return True
         wait = retry.retry_delay(self.config.retry_schedule, recipient.attempts, self.random)
         if result.destination_failed:
