@@ -161,6 +161,8 @@ class FakeGateway:
     clock: Clock
     maillog: MailLog = field(default_factory=MailLog)
     connections: ConnectionLimiter = field(default_factory=ConnectionLimiter)
+    server_tls: Any = None     # relaygw.tlsserver.ServerTLS when a test enables TLS
+    authenticator: Any = None  # relaygw.auth.Authenticator when a test enables AUTH
     accepted_envelopes: list[Envelope] = field(default_factory=list)
     etrn_domains: list[str] = field(default_factory=list)
 
@@ -287,9 +289,10 @@ def transaction(body: bytes, sender: str = "sender@client.test",
 
 
 def is_exempt_from_enhanced_code(line: str, previous: list[str]) -> bool:
-    """The banner, HELO/EHLO answers (RFC 2034 section 3) and 354 carry no RFC 3463 code."""
-    if line.startswith("220 ") or line.startswith("354 "):
-        return True
+    """The banner, HELO/EHLO answers (RFC 2034 section 3), 354 and 334 carry no RFC 3463
+    code."""
+    if line.startswith("220 ") or line.startswith("354 ") or line.startswith("334 "):
+        return True  # 334: an RFC 4954 challenge is base64, no status code
     if line.startswith("250-"):
         return True  # EHLO lines: the first is the hostname, then keywords
     # the last line of an EHLO answer, or the one-line HELO answer: "250 hostname"

@@ -1,4 +1,4 @@
-"""relaygwctl: the operator's tool (check, route, queue).
+"""relaygwctl: the operator's tool (check, route, queue, passwd).
 
 Exit status: 0 success, 1 a failure explained in one line, 2 bad usage
 (argparse's own convention). ``--config FILE`` may stand before or after the
@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.aliases import expand
+from relaygw.auth import UsersFileError, check_username, hash_password, set_password
 from relaygw.config import Config, ConfigError, load_config
 from relaygw.envelope import Envelope
 from relaygw.routing import Refusal, Router
@@ -46,6 +47,11 @@ def cmd_check(config: Config, args: argparse.Namespace) -> None:
           f"max_connections_per_client={limits.max_connections_per_client} "
           f"command_timeout={limits.command_timeout:g}s max_hops={limits.max_hops}")
     print("trusted_networks: " + ", ".join(str(n) for n in config.relay.trusted_networks))
+    if config.tls is not None:
+        print(f"tls: certificate={config.tls.certificate} private_key={config.tls.private_key}")
+    if config.auth is not None:
+        print(f"auth: users_file={config.auth.users_file} "
+              f"require_tls={str(config.auth.require_tls).lower()}")
     queue = config.queue
     print(f"queue: {queue.directory} retry_schedule="
           + ",".join(f"{d:g}s" for d in queue.retry_schedule)
@@ -172,6 +178,25 @@ def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
           .replace("\r\n", "\n"))
 
 
+def cmd_passwd(config: Config, args: argparse.Namespace) -> None:
+    """Set USER's password from the first line of stdin (so it never shows in ps)."""
+    if config.auth is None:
+        raise Failure(f"{config.source}: no [auth] section: there is no users_file to write")
+    problem = check_username(args.user)
+    if problem is not None:
+        raise Failure(f"{problem}: {args.user!r}")
+    line = sys.stdin.readline()
+    password = line[:-1] if line.endswith("\n") else line
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise Failure("empty password refused (give it on the first line of stdin)")
+    try:
+        set_password(config.auth.users_file, args.user, hash_password(password))
+    except UsersFileError as e:
+        raise Failure(str(e)) from None
+    print(f"password set for {args.user} in {config.auth.users_file}")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
@@ -196,6 +221,10 @@ def _parser() -> argparse.ArgumentParser:
                                      help="envelope, state and headers of one message")
     show.add_argument("id")
     show.set_defaults(run=cmd_queue_show)
+    passwd = commands.add_parser("passwd", parents=[common],
+                                 help="set USER's password (read from stdin) in users_file")
+    passwd.add_argument("user", metavar="USER")
+    passwd.set_defaults(run=cmd_passwd)
     return parser
 
 

@@ -43,6 +43,23 @@ NO_STORAGE = "452 4.3.1 Insufficient system storage"
 LOCAL_ERROR = "451 4.3.0 Error: queue file write error"
 ETRN_DENIED = "459 4.7.1 ETRN not allowed for this client"
 TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
+READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+SYNTAX_STARTTLS = "501 5.5.4 Syntax: STARTTLS"
+TLS_ALREADY_ACTIVE = "503 5.5.1 Error: TLS already active"
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_ALREADY = "503 5.5.1 Error: already authenticated"
+AUTH_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+AUTH_UNKNOWN_MECHANISM = "504 5.5.4 Unrecognized authentication type"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode response"
+AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure"
+AUTH_CANCELLED = "501 5.7.0 Authentication cancelled"
+AUTH_CHALLENGE = "334 "
+AUTH_USERNAME = "334 VXNlcm5hbWU6"   # base64 "Username:"
+AUTH_PASSWORD = "334 UGFzc3dvcmQ6"   # base64 "Password:"
 
 
 def banner(hostname: str) -> str:
@@ -59,6 +76,10 @@ def too_many_connections(hostname: str) -> str:
 
 def too_many_errors(hostname: str) -> str:
     return f"421 4.7.0 {hostname} Error: too many errors"
+
+
+def too_many_auth_failures(hostname: str) -> str:
+    return f"421 4.7.0 {hostname} Error: too many authentication failures"
 
 
 def timeout(hostname: str) -> str:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.addresses import AddressError, parse_mailbox
+from relaygw.auth import Authenticator, UsersFileError
 from relaygw.bounce import MAX_QUOTED_HEADERS, build_bounce, header_block
 from relaygw.config import Config
 from relaygw.delivery.maildir import MaildirDeliverer
@@ -33,6 +34,7 @@ from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
 from relaygw.spool import BlockingRunner, Spool
+from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
 DISK_THREADS = 32
@@ -76,8 +78,22 @@ class Gateway(Service):
         self.run_blocking = run_blocking
         self.scheduler = Scheduler(self.spool, deliverers, reactor, config.queue,
                                    bouncer=self.bounce, on_event=self.maillog.outcome)
+        # Files are read in startService, inside twistd's --rundir.
+        self.server_tls = ServerTLS(config.tls) if config.tls is not None else None
+        self.authenticator = (Authenticator(config.auth.users_file, run_blocking)
+                              if config.auth is not None else None)
 
     def startService(self) -> None:
+        # An unusable certificate or users file stops start-up before anything listens
+        # (the listeners start after the gateway).
+        try:
+            if self.server_tls is not None:
+                self.server_tls.load()
+            if self.authenticator is not None:
+                self.authenticator.load()
+        except (TLSLoadError, UsersFileError) as e:
+            raise SystemExit(f"relaygw: configuration error: {self.config.source}: {e}") \
+                from None
         super().startService()
         if self.disk is not None:
             self.disk.pool.start()
@@ -126,6 +142,26 @@ class Gateway(Service):
                     cut.cancel()
         if self.disk is not None:
             self.disk.pool.stop()
+
+    def reload_tls(self) -> None:
+        """Re-read certificate and key (and the users file): new sessions use them.
+
+        A file that does not load is logged and the previous one stays in use,
+        so a half-renewed certificate never takes TLS away from a running gateway.
+        """
+        if self.server_tls is not None:
+            try:
+                self.server_tls.load()
+            except TLSLoadError as e:
+                self.log.error("reload: {error}; keeping the previous certificate", error=str(e))
+        self.reload_users()
+
+    def reload_users(self) -> None:
+        if self.authenticator is not None:
+            try:
+                self.authenticator.load()
+            except UsersFileError as e:
+                self.log.error("reload: {error}; keeping the previous users", error=str(e))
 
     def accepted(self, envelope: Envelope) -> None:
         self.scheduler.enqueue(envelope)
@@ -205,7 +241,10 @@ def build_service(config: Config, reactor: Any,
     gateway.setServiceParent(top)
     for listener in config.listeners:
         endpoint = serverFromString(reactor, listener.endpoint)
-        factory = SMTPFactory(gateway, listener.kind, listener.endpoint)
+        factory: Any = SMTPFactory(gateway, listener.kind, listener.endpoint)
+        if listener.kind == "submissions":
+            assert gateway.server_tls is not None  # config.py demands [tls] for it
+            factory = implicit_tls_factory(gateway.server_tls, factory, reactor)
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # a port we cannot bind stops start-up
         service.setServiceParent(top)

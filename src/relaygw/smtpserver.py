@@ -9,6 +9,12 @@ must wait (the spool commit after DATA) pauses the reading of the commands
 pipelined behind it, so replies keep their order (RFC 2920). Recipients are
 routed at RCPT time (relaygw.routing); DATA is streamed to the spool through
 relaygw.datareader and answered 250 only after the commit is durable.
+
+STARTTLS (RFC 3207) throws away every byte that arrived before the TLS
+handshake (the CVE-2011-0411 class of command injection) and the whole session
+state with it. AUTH PLAIN and LOGIN (RFC 4954) check passwords in the thread
+pool; the session waits for the answer as it waits for a spool commit, and
+neither passwords nor the base64 that carries them are ever logged.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from twisted.python.failure import Failure
 from relaygw import replies
 from relaygw.addresses import AddressError, Mailbox, parse_params, parse_path
 from relaygw.addresses import split_path_and_params as split_path
+from relaygw.auth import Authenticator, decode_base64, parse_plain
 from relaygw.config import Config
 from relaygw.datareader import DataError, DataReader
 from relaygw.envelope import Envelope, Recipient
 from relaygw.logs import MailLog
 from relaygw.routing import Refusal, Router
 from relaygw.spool import Incoming, Spool
+from relaygw.tlsserver import ServerTLS
 
 MAX_COMMAND_LINE = 1000      # octets before CRLF; RFC 5321 allows 512, extensions more
 MAX_ERRORS = 20              # Postfix's smtpd_hard_error_limit
@@ -51,6 +59,8 @@ class Gateway(TypingProtocol):
     clock: IReactorTime
     maillog: MailLog
     connections: ConnectionLimiter
+    server_tls: ServerTLS | None      # None: no [tls]
+    authenticator: Authenticator | None  # None: no [auth]
 
     def accepted(self, envelope: Envelope) -> None: ...
     def etrn(self, domain: str) -> None: ...
@@ -100,6 +110,8 @@ class SMTPServerProtocol(Protocol):
         self.esmtp = False
         self.tls_active = kind == "submissions"
         self.authenticated_user: str | None = None
+        self.auth_failures = 0
+        self._sasl: _SASLExchange | None = None
         self.transaction: Transaction | None = None
         self.errors = 0
         self.closing = False
@@ -256,6 +268,7 @@ class SMTPServerProtocol(Protocol):
         d.addBoth(done)
 
     def _error(self, text: str) -> None:
+        self._sasl = None  # a line refused in mid-exchange ends the exchange
         self.errors += 1
         if self.errors >= MAX_ERRORS:
             self.reply(text)
@@ -266,6 +279,9 @@ class SMTPServerProtocol(Protocol):
     # --- commands ----------------------------------------------------------------
 
     def _command(self, raw: bytes) -> None:
+        if self._sasl is not None:
+            self._sasl_response(raw)
+            return
         try:
             line = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -302,8 +318,24 @@ class SMTPServerProtocol(Protocol):
         self.reply("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
 
     def _extensions(self) -> list[str]:
-        """Extensions that depend on TLS and AUTH (the security layer adds them)."""
-        return []
+        """STARTTLS until TLS is on; AUTH only where a password may be sent."""
+        extensions = []
+        if self._tls_possible():
+            extensions.append("STARTTLS")
+        if self._auth_offered():
+            extensions.append("AUTH PLAIN LOGIN")
+        return extensions
+
+    def _tls_possible(self) -> bool:
+        server_tls = self.gateway.server_tls
+        return (not self.tls_active and server_tls is not None
+                and server_tls.options is not None
+                and getattr(self.transport, "startTLS", None) is not None)
+
+    def _auth_offered(self) -> bool:
+        auth = self.config.auth
+        return (self.gateway.authenticator is not None and auth is not None
+                and (self.tls_active or not auth.require_tls))
 
     def smtp_MAIL(self, argument: str) -> None:
         if self.helo is None:
@@ -528,11 +560,142 @@ class SMTPServerProtocol(Protocol):
         self.gateway.etrn(domain)
         self.reply(replies.ETRN_STARTED)
 
+    # --- STARTTLS ------------------------------------------------------------------
+
     def smtp_STARTTLS(self, argument: str) -> None:
-        self._error(replies.TLS_UNAVAILABLE)
+        if argument:
+            self._error(replies.SYNTAX_STARTTLS)
+            return
+        if self.tls_active:
+            self._error(replies.TLS_ALREADY_ACTIVE)
+            return
+        server_tls = self.gateway.server_tls
+        if server_tls is None or not self._tls_possible():
+            self._error(replies.TLS_UNAVAILABLE)
+            return
+        self.reply(replies.READY_FOR_TLS)
+        # Whatever the client sent after STARTTLS came in clear text, before the
+        # handshake, possibly from a man in the middle: it is never executed.
+        self._buffer.clear()
+        self._discarding_long_line = False
+        self._reset_session()
+        self.tls_active = True
+        self.transport.startTLS(server_tls)
+
+    def _reset_session(self) -> None:
+        """RFC 3207 4.2: forget everything learnt from the client before TLS."""
+        self.helo = None
+        self.esmtp = False
+        self.transaction = None
+        self.authenticated_user = None
+        self._sasl = None
+
+    # --- AUTH ----------------------------------------------------------------------
 
     def smtp_AUTH(self, argument: str) -> None:
-        self._error(replies.NOT_IMPLEMENTED)
+        authenticator = self.gateway.authenticator
+        if authenticator is None:
+            self._error(replies.NOT_IMPLEMENTED)
+            return
+        if self.helo is None:
+            self._error(replies.NEED_HELO)
+            return
+        if self.authenticated_user is not None:
+            self._error(replies.AUTH_ALREADY)
+            return
+        if self.transaction is not None:
+            self._error(replies.AUTH_IN_TRANSACTION)
+            return
+        if not self._auth_offered():
+            self._error(replies.AUTH_NEEDS_TLS)
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip(" ")
+        if not mechanism or " " in initial:
+            self._error(replies.AUTH_SYNTAX)
+            return
+        if mechanism not in ("PLAIN", "LOGIN"):
+            self._error(replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        self._sasl = _SASLExchange(mechanism)
+        if initial:
+            self._sasl_response(initial.encode("ascii", "replace"))
+        elif mechanism == "PLAIN":
+            self.reply(replies.AUTH_CHALLENGE)
+        else:
+            self.reply(replies.AUTH_USERNAME)
+
+    def _sasl_response(self, raw: bytes) -> None:
+        """One client line of the exchange: ``*`` cancels, else base64."""
+        exchange = self._sasl
+        assert exchange is not None
+        line = raw.decode("ascii", "replace").strip(" ")
+        if line == "*":
+            self._error(replies.AUTH_CANCELLED)
+            return
+        try:
+            decoded = decode_base64(line)
+        except ValueError:
+            self._error(replies.AUTH_BAD_BASE64)
+            return
+        if exchange.mechanism == "LOGIN" and exchange.user is None:
+            try:
+                exchange.user = decoded.decode("utf-8")
+            except UnicodeDecodeError:
+                exchange.user = ""
+            self.reply(replies.AUTH_PASSWORD)
+            return
+        self._sasl = None
+        if exchange.mechanism == "PLAIN":
+            credentials = parse_plain(decoded)
+        else:
+            try:
+                credentials = (exchange.user or "", decoded.decode("utf-8"))
+            except UnicodeDecodeError:
+                credentials = None
+        if credentials is None or not credentials[0]:
+            self._auth_failed()
+            return
+        user, password = credentials
+        authenticator = self.gateway.authenticator
+        assert authenticator is not None
+        d = authenticator.check(user, password)
+
+        def checked(ok: bool) -> None:
+            if self.closing:
+                return
+            if ok:
+                self.authenticated_user = user
+                self.log.info("auth: {client} authenticated as {user} ({mechanism})",
+                              client=self.client_host, user=user,
+                              mechanism=exchange.mechanism)
+                self.reply(replies.AUTH_OK)
+            else:
+                self._auth_failed()
+
+        def broken(failure: Failure) -> None:
+            # The exception only, never the traceback's arguments (the password).
+            self.log.error("auth: password check failed for {client}: {error}",
+                           client=self.client_host, error=failure.getErrorMessage())
+            if not self.closing:
+                self.reply(replies.AUTH_TEMPORARY)
+
+        d.addCallbacks(checked, broken)
+        self._wait_for(d)
+
+    def _auth_failed(self) -> None:
+        self.auth_failures += 1
+        self._reject("AUTH", replies.AUTH_FAILED, "auth_failed", sender="")
+        if self.auth_failures >= self.config.limits.max_auth_failures and not self.closing:
+            self._close_with(replies.too_many_auth_failures(self.config.hostname))
+
+
+@dataclass
+class _SASLExchange:
+    """An AUTH in progress: the mechanism, and for LOGIN the user once given."""
+
+    mechanism: str
+    user: str | None = None
 
 
 class SMTPFactory(Factory):

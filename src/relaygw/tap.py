@@ -35,7 +35,9 @@ def makeService(options: Options) -> IService:
     from relaygw.service import build_service
 
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
-    return build_service(options.loaded, reactor)
+    top = build_service(options.loaded, reactor)
+    reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"))
+    return top
 
 
 def _stop_cleanly_on_sigterm(reactor: Any) -> None:
@@ -47,3 +49,14 @@ def _stop_cleanly_on_sigterm(reactor: Any) -> None:
         reactor.callFromThread(reactor.stop)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _reload_on_sighup(reactor: Any, gateway: Any) -> None:
+    """SIGHUP re-reads the TLS certificate and key and the users file (a renewed
+    certificate needs no restart). The whole-config reload will hang off this hook."""
+
+    def on_sighup(number: int, frame: object) -> None:
+        Logger().info("received SIGHUP: reloading the certificate and the users file")
+        reactor.callFromThread(gateway.reload_tls)
+
+    signal.signal(signal.SIGHUP, on_sighup)
