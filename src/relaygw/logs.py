@@ -31,7 +31,8 @@ class MailLog:
                    listener=listener)
 
     def disconnect(self, client: str) -> None:
-        self.log.debug("disconnect from {client}", event="disconnect", client=client)
+        """Not logged: twistd writes debug events too, and one line per session is
+        enough (the connect); kept as the hook metrics will count."""
 
     def reject(self, client: str, command: str, reply: str, reason: str,
                sender: str | None = None, recipient: str | None = None,
