@@ -20,6 +20,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/accept.py
+	$(VENV)/bin/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

@@ -20,7 +20,6 @@ neither passwords nor the base64 that carries them are ever logged.
 from __future__ import annotations
 
 import errno
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -454,7 +453,8 @@ class SMTPServerProtocol(Protocol):
         assert self.transaction is not None
         given = self.transaction.given
         recipient = f"\r\n\tfor <{given[0]}>" if len(given) == 1 else ""
-        date = format_datetime(datetime.fromtimestamp(time.time(), UTC).astimezone())
+        now = datetime.fromtimestamp(self.gateway.clock.seconds(), UTC)
+        date = format_datetime(now.astimezone())
         return (f"Received: from {self.helo} ([{self.client_host}])\r\n"
                 f"\tby {self.config.hostname} (relaygw) with {protocol} id {queue_id}"
                 f"{recipient}; {date}\r\n").encode("utf-8", "replace")
