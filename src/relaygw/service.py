@@ -30,6 +30,7 @@ from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
 from relaygw.logs import MailLog
+from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
@@ -240,7 +241,7 @@ def build_service(config: Config, reactor: Any,
     gateway.setName("gateway")
     gateway.setServiceParent(top)
     for listener in config.listeners:
-        endpoint = serverFromString(reactor, listener.endpoint)
+        endpoint = listener_endpoint(reactor, listener.endpoint)
         factory: Any = SMTPFactory(gateway, listener.kind, listener.endpoint)
         if listener.kind == "submissions":
             assert gateway.server_tls is not None  # config.py demands [tls] for it

@@ -1,0 +1,73 @@
+"""The haproxy: listener starts the session only after the PROXY header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from relaygw.proxyprotocol import HEADER_TIMEOUT, HeaderFirstWrappingFactory
+
+HEADER = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.peer_at_start: Any = None
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.peer_at_start = self.transport.getPeer()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def connect() -> tuple[Any, Recorder, StringTransport, Clock]:
+    recorder = Recorder()
+    clock = Clock()
+    factory = HeaderFirstWrappingFactory(Factory.forProtocol(lambda: recorder), clock)
+    wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    wrapper.makeConnection(transport)
+    return wrapper, recorder, transport, clock
+
+
+@pytest.mark.parametrize("pieces", [
+    [HEADER + b"EHLO x\r\n"],
+    [HEADER, b"EHLO x\r\n"],
+    [HEADER[:3], HEADER[3:10], HEADER[10:] + b"EHLO x\r\n"],
+    [bytes([b]) for b in HEADER] + [b"EHLO x\r\n"],
+], ids=["one-write", "header-then-data", "split", "byte-by-byte"])
+def test_session_starts_with_the_real_client(pieces: list[bytes]) -> None:
+    wrapper, recorder, transport, _ = connect()
+    assert recorder.peer_at_start is None  # nothing started before the header
+    for piece in pieces:
+        wrapper.dataReceived(piece)
+    assert recorder.peer_at_start.host == "192.0.2.7"
+    assert recorder.received == b"EHLO x\r\n"
+    assert not transport.disconnecting
+
+
+def test_no_header_in_time_is_dropped() -> None:
+    _wrapper, recorder, transport, clock = connect()
+    clock.advance(HEADER_TIMEOUT)
+    assert transport.disconnected or transport.disconnecting
+    assert recorder.peer_at_start is None
+
+
+def test_smtp_instead_of_a_header_is_dropped() -> None:
+    wrapper, recorder, transport, _clock = connect()
+    wrapper.dataReceived(b"EHLO attacker.example\r\n")
+    assert transport.disconnected or transport.disconnecting
+    assert recorder.peer_at_start is None
+
+
+def test_header_cancels_the_timer() -> None:
+    wrapper, _recorder, _transport, clock = connect()
+    wrapper.dataReceived(HEADER)
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
