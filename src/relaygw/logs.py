@@ -22,6 +22,7 @@ from relaygw.scheduler import Event
 
 class MailLog:
     log = Logger(namespace="relaygw.mail")
+    metrics: Any = None  # a relaygw.metrics.GatewayMetrics, told every event, when set
 
     def _emit(self, text: str, **fields: Any) -> None:
         self.log.info("{text}", text=text, **fields)
@@ -37,6 +38,8 @@ class MailLog:
     def reject(self, client: str, command: str, reply: str, reason: str,
                sender: str | None = None, recipient: str | None = None,
                queue_id: str | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.reject(reason)
         prefix = f"{queue_id}: " if queue_id else ""
         self._emit(f"{prefix}reject: {command} from {client}: {reply}; from=<{sender or ''}>"
                    f" to=<{recipient or ''}>", event="reject", client=client, command=command,
@@ -44,6 +47,8 @@ class MailLog:
                    queue_id=queue_id)
 
     def received(self, envelope: Envelope, client: str) -> None:
+        if self.metrics is not None:
+            self.metrics.received(envelope, client)
         self._emit(f"{envelope.id}: received from=<{envelope.sender}>, size={envelope.size},"
                    f" nrcpt={len(envelope.recipients)}, client={client}", event="received",
                    queue_id=envelope.id, sender=envelope.sender, size=envelope.size,
@@ -51,6 +56,8 @@ class MailLog:
                    recipients=[r.address for r in envelope.recipients])
 
     def outcome(self, event: Event) -> None:
+        if self.metrics is not None:
+            self.metrics.outcome(event)
         recipient = event.recipient
         orig = (f", orig_to=<{recipient.original}>"
                 if recipient.original != recipient.address else "")

@@ -30,6 +30,7 @@ from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
 from relaygw.logs import MailLog
+from relaygw.metrics import GatewayMetrics, metrics_site
 from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
@@ -249,4 +250,13 @@ def build_service(config: Config, reactor: Any,
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # a port we cannot bind stops start-up
         service.setServiceParent(top)
+    if config.metrics is not None:
+        metrics = GatewayMetrics()
+        metrics.bind(gateway)
+        gateway.maillog.metrics = metrics
+        metrics_service = StreamServerEndpointService(
+            serverFromString(reactor, config.metrics.listen), metrics_site(metrics))
+        metrics_service._raiseSynchronously = True  # as for the SMTP listeners
+        metrics_service.setName("metrics")
+        metrics_service.setServiceParent(top)
     return top
