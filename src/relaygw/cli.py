@@ -2,9 +2,12 @@
 
 Exit status: 0 success, 1 a failure explained in one line, 2 bad usage
 (argparse's own convention). ``--config FILE`` may stand before or after the
-subcommand. Queue commands read the spool directly; the envelope files are
-rewritten after every attempt, so they are what the daemon knows, less the
-deliveries in flight at this very moment.
+subcommand. ``queue list`` and ``queue show`` read the spool directly; the
+envelope files are rewritten after every attempt, so they are what the daemon
+knows, less the deliveries in flight at this very moment. ``queue flush``,
+``hold``, ``release`` and ``delete`` ask the running daemon over its control
+socket (relaygw.control); with no daemon running, ``hold``, ``release`` and
+``delete`` change the spool files themselves (nothing else uses them then).
 """
 
 from __future__ import annotations
@@ -13,16 +16,23 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.error import ConnectError
+from twisted.internet.task import react
 
 from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.aliases import expand
 from relaygw.auth import UsersFileError, check_username, hash_password, set_password
 from relaygw.config import Config, ConfigError, load_config
+from relaygw.control import BadQueueId, Delete, Flush, Hold, Release, call, socket_path
 from relaygw.envelope import Envelope
 from relaygw.routing import Refusal, Router
-from relaygw.spool import is_queue_id
+from relaygw.scheduler import MessageHeld, UnknownMessage
+from relaygw.spool import Spool, is_queue_id
 
 
 class Failure(Exception):
@@ -178,6 +188,118 @@ def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
           .replace("\r\n", "\n"))
 
 
+class NotRunning(Failure):
+    def __init__(self, path: object) -> None:
+        super().__init__(f"relaygw is not running (no control socket at {path})")
+
+
+def _control(config: Config, command: Any, **arguments: Any) -> dict[str, Any]:
+    """One command to the running daemon; NotRunning when there is none."""
+    path = socket_path(config.queue.directory)
+    outcome: dict[str, Any] = {}
+
+    async def run(reactor: Any) -> None:
+        try:
+            outcome["result"] = await call(reactor, path, command, **arguments)
+        except ConnectError:
+            outcome["error"] = NotRunning(path)
+        except (UnknownMessage, MessageHeld, BadQueueId) as e:
+            outcome["error"] = Failure(str(e))
+        except CancelledError:
+            outcome["error"] = Failure(f"no answer from relaygw on {path}")
+
+    def main(reactor: Any) -> Deferred[None]:
+        return Deferred.fromCoroutine(run(reactor))
+
+    try:
+        react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise Failure(f"control socket {path}: failed (see above)") from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]  # type: ignore[no-any-return]
+
+
+def _offline_spool(config: Config) -> Spool:
+    def now(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return maybeDeferred(fn, *args)
+
+    return Spool(config.queue.directory, now)
+
+
+def _offline(config: Config, queue_id: str, change: Callable[[Spool, Envelope], object]) -> None:
+    """hold/release/delete with no daemon: the spool files themselves."""
+    spool = _offline_spool(config)
+    try:
+        envelope = spool.load(queue_id)
+    except FileNotFoundError:
+        raise Failure(f"no such message in the queue: {queue_id}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise Failure(f"{spool.envelope_path(queue_id)}: unreadable envelope: {e}") from None
+    errors: list[Any] = []
+    d = change(spool, envelope)
+    if isinstance(d, Deferred):
+        d.addErrback(errors.append)
+    if errors:
+        errors[0].raiseException()
+
+
+def _queue_id(text: str) -> str:
+    if not is_queue_id(text):
+        raise Failure(f"not a queue id: {text}")
+    return text
+
+
+def cmd_queue_flush(config: Config, args: argparse.Namespace) -> None:
+    queue_id = None if args.id is None else _queue_id(args.id)
+    arguments = {} if queue_id is None else {"queue_id": queue_id}
+    count = _control(config, Flush, **arguments)["count"]
+    print(f"flushed {count} message{'' if count == 1 else 's'}")
+
+
+def cmd_queue_hold(config: Config, args: argparse.Namespace) -> None:
+    queue_id = _queue_id(args.id)
+    try:
+        _control(config, Hold, queue_id=queue_id)
+    except NotRunning:
+        def hold(spool: Spool, envelope: Envelope) -> object:
+            envelope.held = True
+            return spool.save(envelope)
+        _offline(config, queue_id, hold)
+        print(f"held {queue_id} (relaygw is not running: spool file rewritten)")
+        return
+    print(f"held {queue_id}")
+
+
+def cmd_queue_release(config: Config, args: argparse.Namespace) -> None:
+    queue_id = _queue_id(args.id)
+    try:
+        _control(config, Release, queue_id=queue_id)
+    except NotRunning:
+        def release(spool: Spool, envelope: Envelope) -> object:
+            envelope.held = False
+            for recipient in envelope.pending:
+                recipient.next_attempt = None
+            return spool.save(envelope)
+        _offline(config, queue_id, release)
+        print(f"released {queue_id} (relaygw is not running: spool file rewritten)")
+        return
+    print(f"released {queue_id}")
+
+
+def cmd_queue_delete(config: Config, args: argparse.Namespace) -> None:
+    queue_id = _queue_id(args.id)
+    try:
+        in_flight = _control(config, Delete, queue_id=queue_id)["in_flight"]
+    except NotRunning:
+        _offline(config, queue_id, lambda spool, envelope: spool.remove(queue_id))
+        print(f"deleted {queue_id} (relaygw is not running: spool files removed)")
+        return
+    print(f"deleted {queue_id}" + (" (its files go when the delivery in flight ends)"
+                                   if in_flight else ""))
+
+
 def cmd_passwd(config: Config, args: argparse.Namespace) -> None:
     """Set USER's password from the first line of stdin (so it never shows in ps)."""
     if config.auth is None:
@@ -211,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
                                 help="show the route, action and next hop of an address")
     route.add_argument("address")
     route.set_defaults(run=cmd_route)
-    queue = commands.add_parser("queue", parents=[common], help="inspect the queue")
+    queue = commands.add_parser("queue", parents=[common], help="inspect and operate the queue")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True,
                                           metavar="QUEUE_COMMAND")
     listing = queue_commands.add_parser("list", parents=[common], help="list queued messages")
@@ -221,6 +343,16 @@ def _parser() -> argparse.ArgumentParser:
                                      help="envelope, state and headers of one message")
     show.add_argument("id")
     show.set_defaults(run=cmd_queue_show)
+    flush = queue_commands.add_parser("flush", parents=[common],
+                                      help="retry now (every message, or ID), on the daemon")
+    flush.add_argument("id", nargs="?", metavar="ID")
+    flush.set_defaults(run=cmd_queue_flush)
+    for name, run, what in (("hold", cmd_queue_hold, "start no more delivery attempts for ID"),
+                            ("release", cmd_queue_release, "undo hold: ID is due now"),
+                            ("delete", cmd_queue_delete, "remove ID from the queue, no bounce")):
+        sub = queue_commands.add_parser(name, parents=[common], help=what)
+        sub.add_argument("id", metavar="ID")
+        sub.set_defaults(run=run)
     passwd = commands.add_parser("passwd", parents=[common],
                                  help="set USER's password (read from stdin) in users_file")
     passwd.add_argument("user", metavar="USER")

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -112,6 +112,25 @@ class Slots:
         self.waiting.remove(d)
 
 
+class UnknownMessage(Exception):
+    """An operator command named a queue id the scheduler does not have.
+
+    The argument is the whole one-line message (it crosses the control socket
+    as the AMP error's description and is rebuilt from it)."""
+
+    @classmethod
+    def about(cls, queue_id: str) -> UnknownMessage:
+        return cls(f"no such message in the queue: {queue_id}")
+
+
+class MessageHeld(Exception):
+    """``flush`` of a held message: release it first."""
+
+    @classmethod
+    def about(cls, queue_id: str) -> MessageHeld:
+        return cls(f"message is held: {queue_id} (release it first)")
+
+
 class _NotStarted(Exception):
     """A group still waiting for a concurrency slot when the scheduler stopped."""
 
@@ -182,6 +201,13 @@ class Scheduler:
         self._timer: IDelayedCall | None = None
         self._active: dict[str, Deferred[None]] = {}
         self._again: set[str] = set()
+        # Operator commands (hold/release/delete): their spool writes go one at a
+        # time; an id being written starts no attempt, and one in flight has its
+        # write (or removal) done when the attempt ends.
+        self._operator_lock = DeferredLock()
+        self._writing: dict[str, int] = {}
+        self._dirty: set[str] = set()     # to be saved when the attempt in flight ends
+        self._deleted: set[str] = set()   # deleted in flight: outcome ignored, files removed
         self._global = Slots(config.concurrency)
         self._per_destination: dict[str, Slots] = {}
         self._destinations: dict[str, _Destination] = {}  # only those that failed as a whole
@@ -227,7 +253,7 @@ class Scheduler:
         elif queue_id is None:
             self._destinations.clear()
         for envelope in list(self.messages.values()):
-            if queue_id is not None and envelope.id != queue_id:
+            if (queue_id is not None and envelope.id != queue_id) or envelope.held:
                 continue
             touched = False
             for recipient in envelope.pending:
@@ -242,6 +268,91 @@ class Scheduler:
                 self._push(envelope)
         self._arm()
         return count
+
+    # --- operator commands (relaygwctl queue ..., through the control socket) --------
+
+    def _operand(self, queue_id: str) -> Envelope:
+        envelope = self.messages.get(queue_id)
+        if envelope is None:
+            raise UnknownMessage.about(queue_id)
+        return envelope
+
+    def hold(self, queue_id: str) -> Deferred[None]:
+        """Start no more attempts for the message (one in flight finishes); saved."""
+        envelope = self._operand(queue_id)
+        if envelope.held:
+            return succeed(None)
+        envelope.held = True
+        self.log.info("{id}: held by the operator", id=queue_id)
+        return self._write(envelope)
+
+    def release(self, queue_id: str) -> Deferred[None]:
+        """Undo ``hold``: saved, and every pending recipient due now."""
+        envelope = self._operand(queue_id)
+        if not envelope.held:
+            return succeed(None)
+        envelope.held = False
+        for recipient in envelope.pending:
+            if recipient.state is not RecipientState.DELIVERING:
+                recipient.next_attempt = None
+        self.log.info("{id}: released by the operator", id=queue_id)
+        self._again.add(queue_id)  # pushed once written (or once the attempt in flight ends)
+        d = self._write(envelope)
+        self._settle(queue_id)
+        return d
+
+    def delete(self, queue_id: str) -> Deferred[bool]:
+        """Remove the message from the queue and the spool, without a bounce.
+
+        Never under a delivery: with an attempt in flight, its outcome is ignored and
+        the files go when it ends. Fires True in that case, False when removed now.
+        """
+        self._operand(queue_id)
+        del self.messages[queue_id]
+        self._again.discard(queue_id)
+        self._dirty.discard(queue_id)
+        self.log.info("{id}: deleted by the operator", id=queue_id)
+        if queue_id in self._active:
+            self._deleted.add(queue_id)
+            return succeed(True)
+        return self._spool_op(queue_id, lambda: self.spool.remove(queue_id)).addCallback(
+            lambda _: False)
+
+    def _write(self, envelope: Envelope) -> Deferred[None]:
+        if envelope.id in self._active:
+            self._dirty.add(envelope.id)  # the attempt's end writes it
+            return succeed(None)
+        return self._spool_op(envelope.id, lambda: self.spool.save(envelope))
+
+    def _spool_op(self, queue_id: str, op: Callable[[], Deferred[None]]) -> Deferred[None]:
+        self._writing[queue_id] = self._writing.get(queue_id, 0) + 1
+
+        def done(result: object) -> object:
+            left = self._writing[queue_id] - 1
+            if left:
+                self._writing[queue_id] = left
+            else:
+                del self._writing[queue_id]
+            self._settle(queue_id)
+            return result
+
+        def failed(failure: object) -> object:
+            self.log.error("spool: operator command on {id}: {error}", id=queue_id,
+                           error=getattr(failure, "value", failure))
+            return failure
+
+        return self._operator_lock.run(op).addErrback(failed).addBoth(done)
+
+    def _settle(self, queue_id: str) -> None:
+        """Look again at a message an attempt or a spool write kept from the heap."""
+        if (queue_id not in self._again or queue_id in self._active
+                or queue_id in self._writing):
+            return
+        self._again.discard(queue_id)
+        envelope = self.messages.get(queue_id)
+        if envelope is not None:
+            self._push(envelope)
+            self._arm()
 
     def stop(self) -> Deferred[object]:
         """Stop starting attempts; fires when the ones in flight are recorded."""
@@ -286,8 +397,8 @@ class Scheduler:
             envelope = self.messages.get(queue_id)
             if envelope is None or envelope.held:
                 continue
-            if queue_id in self._active:
-                self._again.add(queue_id)  # look again when the attempt in flight ends
+            if queue_id in self._active or queue_id in self._writing:
+                self._again.add(queue_id)  # look again when the attempt (or write) ends
                 continue
             if not any(r.next_attempt is None or r.next_attempt <= now
                        for r in envelope.pending):
@@ -300,12 +411,19 @@ class Scheduler:
         self._active[envelope.id] = d
 
         def finished(result: object) -> None:
-            del self._active[envelope.id]
-            if envelope.id in self._again:
-                self._again.discard(envelope.id)
-                if envelope.id in self.messages:
-                    self._push(envelope)
-                    self._arm()
+            queue_id = envelope.id
+            del self._active[queue_id]
+            if queue_id in self._deleted:  # by the operator, while the attempt ran
+                self._deleted.discard(queue_id)
+                self._spool_op(queue_id, lambda: self.spool.remove(queue_id)).addErrback(
+                    lambda f: None)
+                return
+            if queue_id in self._dirty:
+                self._dirty.discard(queue_id)
+                if queue_id in self.messages:
+                    self._spool_op(queue_id, lambda: self.spool.save(envelope)).addErrback(
+                        lambda f: None)
+            self._settle(queue_id)
 
         d.addErrback(lambda f: self.log.failure("delivery attempt for {id} crashed", f,
                                                 id=envelope.id))
@@ -327,6 +445,8 @@ class Scheduler:
         attempts = [self._deliver_group(envelope, action, destination, recipients)
                     for (action, destination), recipients in groups.items()]
         outcomes = await DeferredList(attempts, consumeErrors=True)
+        if envelope.id in self._deleted:
+            return  # deleted by the operator meanwhile: nothing to record
         failed: list[Recipient] = []
         # Whether anything worth a disk write happened: a recipient parked behind
         # a dead destination, or never started, changed nothing that a restart
@@ -405,7 +525,9 @@ class Scheduler:
 
         def start() -> Deferred[list[DeliveryResult]]:
             nonlocal probe
-            if not self.running:  # stop() lets attempts in flight finish, starts no more
+            # stop() lets attempts in flight finish and starts no more; nor do hold
+            # and delete for a group still waiting for its slots.
+            if not self.running or envelope.held or envelope.id in self._deleted:
                 raise _NotStarted()
             if probe is None:
                 probe = self._admit(destination)

@@ -24,6 +24,7 @@ from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.auth import Authenticator, UsersFileError
 from relaygw.bounce import MAX_QUOTED_HEADERS, build_bounce, header_block
 from relaygw.config import Config
+from relaygw.control import control_service
 from relaygw.delivery.maildir import MaildirDeliverer
 from relaygw.delivery.smtp import SMTPRelayDeliverer
 from relaygw.dns import build_resolver
@@ -241,6 +242,8 @@ def build_service(config: Config, reactor: Any,
     gateway = Gateway(config, reactor, run_blocking, disk=disk)
     gateway.setName("gateway")
     gateway.setServiceParent(top)
+    # After the gateway, which creates the spool directory the socket lives in.
+    control_service(gateway.scheduler, config.queue.directory, reactor).setServiceParent(top)
     for listener in config.listeners:
         endpoint = listener_endpoint(reactor, listener.endpoint)
         factory: Any = SMTPFactory(gateway, listener.kind, listener.endpoint)
