@@ -124,7 +124,7 @@ DIALOGS: dict[str, list[Step]] = {
     "ehlo without a name": [("EHLO", [replies.SYNTAX_HELO])],
     "ehlo with two names": [("EHLO a.test b.test", [replies.SYNTAX_HELO])],
     # 503: sequence
-    "mail before helo": [(MAIL, [replies.NEED_HELO])],
+    "mail before helo": [(MAIL, [replies.SENDER_OK])],  # as Postfix (helo not required)
     "rcpt before helo": [(RCPT, [replies.NEED_MAIL])],
     "rcpt before mail": [(EHLO, EHLO_REPLY), (RCPT, [replies.NEED_MAIL])],
     "data before mail": [(EHLO, EHLO_REPLY), ("DATA", [replies.NEED_MAIL])],

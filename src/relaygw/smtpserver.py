@@ -337,9 +337,8 @@ class SMTPServerProtocol(Protocol):
                 and (self.tls_active or not auth.require_tls))
 
     def smtp_MAIL(self, argument: str) -> None:
-        if self.helo is None:
-            self._error(replies.NEED_HELO)
-            return
+        # No HELO/EHLO first is accepted, as Postfix does by default
+        # (smtpd_helo_required = no): clients such as smtplib's mail() skip it.
         if self.kind != "smtp" and self.authenticated_user is None:
             self._error(replies.AUTH_REQUIRED)
             return
@@ -455,7 +454,8 @@ class SMTPServerProtocol(Protocol):
         recipient = f"\r\n\tfor <{given[0]}>" if len(given) == 1 else ""
         now = datetime.fromtimestamp(self.gateway.clock.seconds(), UTC)
         date = format_datetime(now.astimezone())
-        return (f"Received: from {self.helo} ([{self.client_host}])\r\n"
+        helo = self.helo or self.client_host
+        return (f"Received: from {helo} ([{self.client_host}])\r\n"
                 f"\tby {self.config.hostname} (relaygw) with {protocol} id {queue_id}"
                 f"{recipient}; {date}\r\n").encode("utf-8", "replace")
 
