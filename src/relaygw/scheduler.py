@@ -32,7 +32,7 @@ import itertools
 import random as random_module
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
@@ -89,6 +89,21 @@ class Slots:
         self.tokens += 1
         if self._releasing:
             return  # the loop below, further up the stack, hands it out
+        self._releasing = True
+        try:
+            while self.waiting and self.tokens > 0:
+                self.tokens -= 1
+                self.waiting.popleft().callback(None)
+        finally:
+            self._releasing = False
+
+    def resize(self, limit: int) -> None:
+        """A new limit (SIGHUP): more slots are handed out at once; with fewer, the
+        holders over the limit finish and their slots are not given out again."""
+        self.tokens += limit - self.limit
+        self.limit = limit
+        if self._releasing:
+            return
         self._releasing = True
         try:
             while self.waiting and self.tokens > 0:
@@ -216,6 +231,19 @@ class Scheduler:
         for deliverer in deliverers.values():
             if IBacklogAware.providedBy(deliverer):
                 deliverer.use_backlog(self.backlog)
+
+    def reconfigure(self, config: QueueConfig) -> None:
+        """Limits changed by a reload (SIGHUP), in force from now on.
+
+        ``retry_schedule`` and ``max_age`` apply from the next attempt a recipient
+        is scheduled for (waits already computed are kept); ``concurrency`` and
+        ``per_destination`` resize the slots at once (deliveries in flight over a
+        lowered limit finish). ``directory`` is not changed here: it needs a restart.
+        """
+        self.config = replace(config, directory=self.config.directory)
+        self._global.resize(config.concurrency)
+        for slots in self._per_destination.values():
+            slots.resize(config.per_destination)
 
     # --- feeding the queue -------------------------------------------------------
 

@@ -8,6 +8,7 @@ because twistd enters ``--rundir`` only after the service is built.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.addresses import AddressError, parse_mailbox
-from relaygw.auth import Authenticator, UsersFileError
+from relaygw.auth import Authenticator, UsersFileError, load_users
 from relaygw.bounce import MAX_QUOTED_HEADERS, build_bounce, header_block
-from relaygw.config import Config
+from relaygw.config import Config, ConfigError, load_config
 from relaygw.control import control_service
 from relaygw.delivery.maildir import MaildirDeliverer
 from relaygw.delivery.smtp import SMTPRelayDeliverer
@@ -37,7 +38,7 @@ from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
 from relaygw.spool import BlockingRunner, Spool
-from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory
+from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
 DISK_THREADS = 32
@@ -159,6 +160,76 @@ class Gateway(Service):
                 self.log.error("reload: {error}; keeping the previous certificate", error=str(e))
         self.reload_users()
 
+    def reload_from(self, path: str | Path | None) -> bool:
+        """SIGHUP: re-read the configuration file (``None``: the embedded default).
+
+        A file that does not load or validate is refused with one error line
+        naming the file, the key and the problem; the configuration in force stays.
+        """
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            self.log.error("reload refused, keeping the previous configuration: {error}",
+                           error=str(e))
+            return False
+        return self.reload(new)
+
+    def reload(self, new: Config) -> bool:
+        """Put ``new`` in force without dropping a session; True when it was.
+
+        Routes, aliases, ``[limits]``, ``[relay]``, ``[dns]``, ``[queue]`` limits,
+        ``[tls]`` and ``[auth]`` change live. ``gateway.config`` and
+        ``gateway.router`` are swapped together, in one reactor turn: a session
+        in flight reads them at each command, so it sees the new routes and
+        limits from its next command on (a transaction already under way keeps
+        the recipients it was given). The certificate, key and users file are
+        read before anything is swapped: if one fails, the whole reload is refused.
+        What cannot change live (listeners, ``queue.directory``, ``[metrics]``,
+        ``server.hostname``) is logged as "needs a restart: KEY" and otherwise
+        ignored: the running value stays in force.
+        """
+        old = self.config
+        effective, restart = _live_part(old, new)
+        try:
+            problem = _restart_conflict(effective)
+            if problem:
+                raise ConfigError(problem)
+            tls_options = load_options(new.tls) if new.tls is not None else None
+            users = load_users(new.auth.users_file) if new.auth is not None else None
+        except (ConfigError, TLSLoadError, UsersFileError) as e:
+            self.log.error("reload refused, keeping the previous configuration: "
+                           "{source}: {error}", source=new.source, error=str(e))
+            return False
+        for key in restart:
+            self.log.warn("reload: needs a restart: {key} (the running value stays)", key=key)
+        # The swap: nothing below yields to the reactor, so no session sees half of it.
+        self.config = effective
+        self.router = Router(effective)
+        if new.tls is None:
+            self.server_tls = None
+        else:
+            if self.server_tls is None:
+                self.server_tls = ServerTLS(new.tls)
+            self.server_tls.config = new.tls
+            self.server_tls.options = tls_options
+        if new.auth is None or users is None:
+            self.authenticator = None
+        else:
+            if self.authenticator is None:
+                self.authenticator = Authenticator(new.auth.users_file, self.run_blocking)
+            self.authenticator.path = new.auth.users_file
+            self.authenticator.users = users
+        self.scheduler.reconfigure(effective.queue)
+        resolver = None
+        for deliverer in self.scheduler.deliverers.values():
+            reconfigure = getattr(deliverer, "reconfigure", None)
+            if reconfigure is not None:
+                if effective.dns != old.dns and resolver is None:
+                    resolver = build_resolver(effective.dns, self.reactor)
+                reconfigure(effective, resolver)
+        self.log.info("configuration reloaded from {source}", source=new.source)
+        return True
+
     def reload_users(self) -> None:
         if self.authenticator is not None:
             try:
@@ -214,6 +285,33 @@ class Gateway(Service):
                             self.clock.seconds())
         bounce_id = await self.inject("", routed, data)
         self.maillog.bounce_queued(envelope, bounce_id)
+
+
+def _live_part(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with what needs a restart kept as in ``old``, and those keys' names."""
+    restart = []
+    if new.listeners != old.listeners:
+        restart.append("listener")
+    if new.hostname != old.hostname:
+        restart.append("server.hostname")
+    if new.queue.directory != old.queue.directory:
+        restart.append("queue.directory")
+    if new.metrics != old.metrics:
+        restart.append("metrics.listen")
+    effective = replace(new, listeners=old.listeners, hostname=old.hostname,
+                        queue=replace(new.queue, directory=old.queue.directory),
+                        metrics=old.metrics)
+    return effective, restart
+
+
+def _restart_conflict(config: Config) -> str | None:
+    """What the running listeners need and the new file takes away."""
+    kinds = {listener.kind for listener in config.listeners}
+    if "submissions" in kinds and config.tls is None:
+        return "tls: the running submissions listener needs [tls] (restart to remove it)"
+    if kinds & {"submission", "submissions"} and config.auth is None:
+        return "auth: the running submission listener needs [auth] (restart to remove it)"
+    return None
 
 
 def _read_headers(path: Path) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -36,7 +37,10 @@ def makeService(options: Options) -> IService:
 
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
     top = build_service(options.loaded, reactor)
-    reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"))
+    # Made absolute now: twistd enters --rundir after makeService, and a relative
+    # --config must still name the same file at SIGHUP.
+    path = os.path.abspath(options["config"]) if options["config"] is not None else None
+    reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
     return top
 
 
@@ -51,12 +55,14 @@ def _stop_cleanly_on_sigterm(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _reload_on_sighup(reactor: Any, gateway: Any) -> None:
-    """SIGHUP re-reads the TLS certificate and key and the users file (a renewed
-    certificate needs no restart). The whole-config reload will hang off this hook."""
+def _reload_on_sighup(reactor: Any, gateway: Any, path: str | None) -> None:
+    """SIGHUP re-reads the configuration file given with --config (without it, the
+    embedded default), the TLS certificate and key and the users file, and puts
+    them in force without dropping a session (see ``Gateway.reload``). A file that
+    fails validation is refused with one error line; the running one stays."""
 
     def on_sighup(number: int, frame: object) -> None:
-        Logger().info("received SIGHUP: reloading the certificate and the users file")
-        reactor.callFromThread(gateway.reload_tls)
+        Logger().info("received SIGHUP: reloading the configuration")
+        reactor.callFromThread(gateway.reload_from, path)
 
     signal.signal(signal.SIGHUP, on_sighup)

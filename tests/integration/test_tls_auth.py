@@ -210,8 +210,10 @@ def test_commands_injected_behind_starttls_are_dropped(secure: Secure) -> None:
         tls_reader = tls.makefile("rb")
         tls.sendall(b"RCPT TO:<alice@example.test>\r\n")
         assert tls_reader.readline().startswith(b"503 5.5.1")  # no MAIL: it was dropped
-        tls.sendall(b"MAIL FROM:<a@client.example.test>\r\n")
-        assert tls_reader.readline().startswith(b"503 5.5.1")  # and EHLO is needed again
+        tls.sendall(b"MAIL FROM:<a@client.example.test>\r\n")  # a fresh transaction,
+        assert tls_reader.readline().startswith(b"250 2.1.0")  # not a nested one
+        tls.sendall(b"MAIL FROM:<b@client.example.test>\r\n")
+        assert tls_reader.readline().startswith(b"503 5.5.1")  # nested: now there is one
         tls.sendall(b"QUIT\r\n")
         assert tls_reader.readline().startswith(b"221 ")
 

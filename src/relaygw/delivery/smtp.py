@@ -240,6 +240,18 @@ class SMTPRelayDeliverer:
         self.cache = ConnectionCache(reactor, idle_timeout, max_idle_per_hop, timeouts.quit)
         self._backlog: Callable[[str], int] = lambda destination: 0
 
+    def reconfigure(self, config: Config, resolver: NextHopResolver | None = None) -> None:
+        """A reloaded config (SIGHUP): routes and relay settings for the next delivery.
+
+        Deliveries in flight finish with the route they started with; parked
+        sessions stay keyed by their route settings, so a changed route opens a new
+        one. ``resolver`` replaces the next-hop resolver when ``[dns]`` changed.
+        """
+        self.config = config
+        self._router = Router(config)
+        if resolver is not None:
+            self._resolver = resolver
+
     # --- IBacklogAware, shutdown ---------------------------------------------------
 
     def use_backlog(self, backlog: Callable[[str], int]) -> None:
