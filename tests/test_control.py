@@ -7,6 +7,7 @@ listener's endpoint, as twistd starts it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from relaygw.control import (
     Delete,
     Flush,
     Hold,
+    ListQueue,
     Release,
+    ShowMessage,
     control_service,
 )
 from relaygw.envelope import Envelope
@@ -214,3 +217,38 @@ def test_hold_keeps_a_group_waiting_for_slots_from_starting(tmp_path: Path) -> N
     assert c.call(Release, queue_id=second.id) == {}
     c.clock.advance(0)
     assert [call.queue_id for call in c.relay.calls] == [first.id, second.id]
+
+
+def test_list_queue_is_the_scheduler_in_memory_with_deliveries_in_flight(tmp_path: Path
+                                                                         ) -> None:
+    c = Control(tmp_path, hold=True)
+    c.relay.script["b@dst.test"] = [DEFER]
+    envelope = c.queue("a@dst.test")
+    c.clock.advance(0)
+    [call] = c.relay.in_flight
+    [entry] = json.loads(c.call(ListQueue)["json"])
+    assert entry == {
+        "id": envelope.id, "sender": envelope.sender, "received": "1970-01-01T00:00:00Z",
+        "size": envelope.size, "held": False,
+        "recipients": [{"address": "a@dst.test", "state": "delivering", "attempts": 0,
+                        "next_attempt": None, "last_error": None}],
+    }
+    assert c.spool.load(envelope.id).recipients[0].state == "queued"  # never on disk
+    shown = json.loads(c.call(ShowMessage, queue_id=envelope.id)["json"])
+    assert shown["recipients"][0]["state"] == "delivering"
+    assert shown["id"] == envelope.id
+    call.finish()
+    assert json.loads(c.call(ListQueue)["json"]) == []
+    failure = c.call(ShowMessage, queue_id=envelope.id)
+    assert failure.check(UnknownMessage)
+    assert c.call(ShowMessage, queue_id="nope").check(BadQueueId)
+
+
+def test_list_queue_answers_beyond_one_amp_value(c: Control) -> None:
+    """AMP caps a value at 64 KiB: the listing of a big queue is split over keys."""
+    for i in range(40):
+        c.queue(*(f"u{i}-{j}@dst.test" for j in range(20)))
+    entries = json.loads(c.call(ListQueue)["json"])
+    assert len(entries) == 40
+    assert sum(len(e["recipients"]) for e in entries) == 800
+    assert len(json.dumps(entries)) > 65535

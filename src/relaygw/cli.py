@@ -2,9 +2,10 @@
 
 Exit status: 0 success, 1 a failure explained in one line, 2 bad usage
 (argparse's own convention). ``--config FILE`` may stand before or after the
-subcommand. ``queue list`` and ``queue show`` read the spool directly; the
-envelope files are rewritten after every attempt, so they are what the daemon
-knows, less the deliveries in flight at this very moment. ``queue flush``,
+subcommand. ``queue list`` and ``queue show`` ask the running daemon (its
+envelopes in memory, deliveries in flight included) and read the spool directly
+when none runs. ``route`` looks up MX records itself, synchronously, with the
+``[dns]`` nameservers and timeout. ``queue flush``,
 ``hold``, ``release`` and ``delete`` ask the running daemon over its control
 socket (relaygw.control); with no daemon running, ``hold``, ``release`` and
 ``delete`` change the spool files themselves (nothing else uses them then).
@@ -17,9 +18,9 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
+import dns.resolver
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectError
 from twisted.internet.task import react
@@ -28,8 +29,26 @@ from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.aliases import expand
 from relaygw.auth import UsersFileError, check_username, hash_password, set_password
 from relaygw.config import Config, ConfigError, load_config
-from relaygw.control import BadQueueId, Delete, Flush, Hold, Release, call, socket_path
+from relaygw.control import (
+    BadQueueId,
+    Delete,
+    Flush,
+    Hold,
+    ListQueue,
+    Release,
+    ShowMessage,
+    call,
+    socket_path,
+)
+from relaygw.dns import (
+    DNSError,
+    NXDomain,
+    address_literal,
+    blocking_lookup,
+    configured_resolver,
+)
 from relaygw.envelope import Envelope
+from relaygw.queueview import parse_rfc3339, queue_listing, show_entry
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import MessageHeld, UnknownMessage
 from relaygw.spool import Spool, is_queue_id
@@ -37,13 +56,6 @@ from relaygw.spool import Spool, is_queue_id
 
 class Failure(Exception):
     """A one-line explanation; exit status 1."""
-
-
-def _rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> None:
@@ -88,6 +100,7 @@ def cmd_route(config: Config, args: argparse.Namespace) -> None:
     except AddressError as e:
         raise Failure(f"bad address {args.address!r}: {e}") from None
     router = Router(config)
+    next_hops: dict[str, tuple[tuple[str, int] | None, str]] = {}
     try:
         targets = expand(config.aliases, mailbox)
     except AddressError as e:
@@ -111,7 +124,68 @@ def cmd_route(config: Config, args: argparse.Namespace) -> None:
                 hop = (f"smarthost {route.via[0]}:{route.via[1]}" if route.via
                        else f"MX lookup for {recipient.domain} (port {config.relay.mx_port})")
                 line += f" -> relay via {hop}, tls {route.tls or config.relay.tls}"
+                if recipient.domain not in next_hops:
+                    next_hops[recipient.domain] = (route.via, route.tls or config.relay.tls)
             print(line)
+    resolver: dns.resolver.Resolver | None = None
+    for domain, (via, tls) in next_hops.items():
+        if via is not None:
+            print(f"next hop for {domain}: smarthost {via[0]}:{via[1]}, tls {tls}")
+            continue
+        print(f"next hop for {domain}: MX, port {config.relay.mx_port}, tls {tls}")
+        if resolver is None:
+            try:
+                resolver = configured_resolver(config.dns)
+            except ValueError as e:
+                raise Failure(str(e)) from None
+        for line in describe_mx(resolver, domain):
+            print(f"  {line}")
+
+
+def _addresses(resolver: dns.resolver.Resolver, host: str) -> list[str]:
+    """A then AAAA of ``host``; NXDOMAIN or NODATA is no address, other trouble raises."""
+    literal = address_literal(host)
+    if literal is not None:
+        return [literal]
+    addresses: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            addresses.extend(blocking_lookup(resolver, host, rdtype).values)
+        except NXDomain:
+            break
+    return addresses
+
+
+def describe_mx(resolver: dns.resolver.Resolver, domain: str) -> list[str]:
+    """What MX routing to ``domain`` finds, one line each, MX in preference order.
+
+    DNS trouble is a line too (the route is shown either way), never an exception.
+    """
+    literal = address_literal(domain)
+    if literal is not None:
+        return [f"address literal: {literal}"]
+    name = domain.lower().rstrip(".")
+    try:
+        mx = blocking_lookup(resolver, name, "MX")
+        if not mx.values:
+            addresses = _addresses(resolver, name)
+            if not addresses:
+                return ["implicit MX: no A or AAAA records: mail to this domain fails"]
+            return [f"implicit MX: {'AAAA' if ':' in a else 'A'} {a}" for a in addresses]
+        if len(mx.values) == 1 and mx.values[0][1] in (".", ""):
+            return ["null MX (RFC 7505): mail to this domain fails"]
+        lines = []
+        for preference, host in sorted(mx.values):
+            try:
+                found = ", ".join(_addresses(resolver, host)) or "no address"
+            except DNSError as e:
+                found = f"DNS lookup failed: {e.text}"
+            lines.append(f"MX {preference} {host} ({found})")
+        return lines
+    except NXDomain:
+        return [f"NXDOMAIN: {name} does not exist"]
+    except DNSError as e:
+        return [f"DNS lookup failed: {e.text}"]
 
 
 def _load_queue(config: Config) -> list[Envelope]:
@@ -129,23 +203,18 @@ def _load_queue(config: Config) -> list[Envelope]:
     return envelopes
 
 
-def _queue_entry(envelope: Envelope) -> dict[str, object]:
-    return {
-        "id": envelope.id,
-        "sender": envelope.sender,
-        "received": _rfc3339(envelope.received),
-        "size": envelope.size,
-        "held": envelope.held,
-        "recipients": [
-            {"address": r.address, "state": str(r.state), "attempts": r.attempts,
-             "next_attempt": _rfc3339(r.next_attempt), "last_error": r.last_error}
-            for r in envelope.pending
-        ],
-    }
+def _daemon_or_spool(config: Config, command: Any, offline: Callable[[], Any],
+                     **arguments: Any) -> Any:
+    """The running daemon's JSON answer to ``command``; ``offline()`` when none runs."""
+    try:
+        return json.loads(_control(config, command, **arguments)["json"])
+    except NotRunning:
+        return offline()
 
 
 def cmd_queue_list(config: Config, args: argparse.Namespace) -> None:
-    entries = [_queue_entry(e) for e in _load_queue(config)]
+    entries: list[dict[str, Any]] = _daemon_or_spool(
+        config, ListQueue, lambda: queue_listing(_load_queue(config)))
     if args.json:
         print(json.dumps(entries, indent=2))
         return
@@ -153,34 +222,35 @@ def cmd_queue_list(config: Config, args: argparse.Namespace) -> None:
     if not entries:
         print("queue is empty")
         return
-    for envelope, entry in zip(_load_queue(config), entries, strict=False):
-        age = int(now - envelope.received)
-        held = " HELD" if envelope.held else ""
-        print(f"{entry['id']}{held}  {envelope.size:>8}  {age:>6}s  <{envelope.sender}>")
-        for rcpt in envelope.pending:
-            nxt = _rfc3339(rcpt.next_attempt) or "now"
-            print(f"    {rcpt.address}  {rcpt.state}  attempts={rcpt.attempts}  next={nxt}"
-                  + (f"  ({rcpt.last_error})" if rcpt.last_error else ""))
+    for entry in entries:
+        age = int(now - parse_rfc3339(entry["received"]))
+        held = " HELD" if entry["held"] else ""
+        print(f"{entry['id']}{held}  {entry['size']:>8}  {age:>6}s  <{entry['sender']}>")
+        for rcpt in entry["recipients"]:
+            nxt = rcpt["next_attempt"] or "now"
+            print(f"    {rcpt['address']}  {rcpt['state']}  attempts={rcpt['attempts']}"
+                  f"  next={nxt}"
+                  + (f"  ({rcpt['last_error']})" if rcpt["last_error"] else ""))
     print(f"-- {len(entries)} messages")
 
 
 def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
-    if not is_queue_id(args.id):
-        raise Failure(f"not a queue id: {args.id}")
+    queue_id = _queue_id(args.id)
     directory = config.queue.directory
+
+    def offline() -> dict[str, Any]:
+        try:
+            envelope = Envelope.from_bytes((directory / f"{queue_id}.env").read_bytes())
+        except FileNotFoundError:
+            raise Failure(f"no such message in the queue: {queue_id}") from None
+        return show_entry(envelope)
+
+    entry = _daemon_or_spool(config, ShowMessage, offline, queue_id=queue_id)
     try:
-        envelope = Envelope.from_bytes((directory / f"{args.id}.env").read_bytes())
-        with open(directory / f"{args.id}.msg", "rb") as message:
+        with open(directory / f"{queue_id}.msg", "rb") as message:
             head = message.read(256 * 1024)
     except FileNotFoundError:
-        raise Failure(f"no such message in the queue: {args.id}") from None
-    entry = _queue_entry(envelope)
-    entry["recipients"] = [
-        {"address": r.address, "original": r.original, "state": str(r.state),
-         "attempts": r.attempts, "next_attempt": _rfc3339(r.next_attempt),
-         "last_error": r.last_error, "remote": r.remote} for r in envelope.recipients]
-    entry["client"] = envelope.client_address
-    entry["helo"] = envelope.helo
+        raise Failure(f"no such message in the queue: {queue_id}") from None
     print(json.dumps(entry, indent=2))
     print()
     end = head.find(b"\r\n\r\n")

@@ -2,13 +2,15 @@
 
 ``relaygwctl queue flush|hold|release|delete`` act on the running daemon through
 it, so the scheduler (the one owner of the queue while the daemon runs) does the
-work. Only the spool directory's owner can connect: the directory is 0700 and
-the socket 0600. Errors travel as AMP errors whose description is the one-line
-message relaygwctl prints.
+work; ``queue list`` and ``queue show`` read the scheduler's envelopes in memory
+through it (so a recipient in flight shows as ``delivering``). Only the spool
+directory's owner can connect: the directory is 0700 and the socket 0600. Errors
+travel as AMP errors whose description is the one-line message relaygwctl prints.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from relaygw.queueview import queue_listing, show_entry
 from relaygw.scheduler import MessageHeld, Scheduler, UnknownMessage
 from relaygw.spool import is_queue_id
 
@@ -65,6 +68,43 @@ class Delete(amp.Command):
     errors = _ERRORS
 
 
+class BigUnicode(amp.Argument):
+    """Text of any length: AMP caps one value at 65535 bytes, so this one spreads over
+    the keys ``NAME`` (the number of parts) and ``NAME.0``, ``NAME.1``, ..."""
+
+    CHUNK = 60000
+
+    def toBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        data = self.retrieve(objects, amp._wireNameToPythonIdentifier(name), proto)
+        raw = data.encode("utf-8")
+        parts = [raw[i:i + self.CHUNK] for i in range(0, len(raw), self.CHUNK)] or [b""]
+        strings[name] = str(len(parts)).encode("ascii")
+        for index, part in enumerate(parts):
+            strings[name + b"." + str(index).encode("ascii")] = part
+
+    def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        count = int(self.retrieve(strings, name, proto))
+        raw = b"".join(self.retrieve(strings, name + b"." + str(i).encode("ascii"), proto)
+                       for i in range(count))
+        objects[amp._wireNameToPythonIdentifier(name)] = raw.decode("utf-8")
+
+
+class ListQueue(amp.Command):
+    """-> ``json``: ``queue list --json``'s array (CONTRACT.md section 6), from memory."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"json", BigUnicode())]
+    errors = _ERRORS
+
+
+class ShowMessage(amp.Command):
+    """-> ``json``: ``queue show``'s envelope object (relaygw.queueview.show_entry)."""
+
+    arguments = [(b"queue_id", amp.Unicode())]
+    response = [(b"json", BigUnicode())]
+    errors = _ERRORS
+
+
 def _checked(queue_id: str) -> str:
     if not is_queue_id(queue_id):
         raise BadQueueId(f"not a queue id: {queue_id}")
@@ -100,6 +140,18 @@ class ControlProtocol(amp.AMP):
     def delete(self, queue_id: str) -> Deferred[dict[str, Any]]:
         return self.scheduler.delete(_checked(queue_id)).addCallback(
             lambda in_flight: {"in_flight": in_flight})
+
+
+    @ListQueue.responder
+    def list_queue(self) -> dict[str, Any]:
+        return {"json": json.dumps(queue_listing(self.scheduler.messages.values()))}
+
+    @ShowMessage.responder
+    def show_message(self, queue_id: str) -> dict[str, Any]:
+        envelope = self.scheduler.messages.get(_checked(queue_id))
+        if envelope is None:
+            raise UnknownMessage.about(queue_id)
+        return {"json": json.dumps(show_entry(envelope))}
 
 
 class ControlFactory(Factory):

@@ -122,6 +122,27 @@ def system_resolver() -> dns.resolver.Resolver:
         return resolver
 
 
+def configured_resolver(config: DNSConfig,
+                        resolver: dns.resolver.Resolver | None = None) -> dns.resolver.Resolver:
+    """A dnspython resolver asking ``[dns] nameservers`` (else resolv.conf's), with
+    ``[dns] timeout`` as the lifetime of one question."""
+    if resolver is None:
+        resolver = system_resolver() if not config.nameservers else \
+            dns.resolver.Resolver(configure=False)
+    if config.nameservers:
+        for host, _port in config.nameservers:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"[dns] nameservers: {host!r} is not an IP address"
+                                 ) from None
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                for host, port in config.nameservers]
+    resolver.lifetime = config.timeout
+    resolver.timeout = min(2.0, config.timeout)  # per try; the lifetime bounds all
+    return resolver
+
+
 class DNSPythonLookup:
     """dnspython's blocking resolver, called in ``pool`` so the reactor never waits."""
 
@@ -130,22 +151,7 @@ class DNSPythonLookup:
                  resolver: dns.resolver.Resolver | None = None) -> None:
         self._reactor = reactor
         self._pool = pool
-        config = config or DNSConfig()
-        if resolver is None:
-            resolver = system_resolver() if not config.nameservers else \
-                dns.resolver.Resolver(configure=False)
-        if config.nameservers:
-            for host, _port in config.nameservers:
-                try:
-                    ipaddress.ip_address(host)
-                except ValueError:
-                    raise ValueError(f"[dns] nameservers: {host!r} is not an IP address"
-                                     ) from None
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                                    for host, port in config.nameservers]
-        resolver.lifetime = config.timeout
-        resolver.timeout = min(2.0, config.timeout)  # per try; the lifetime bounds all
-        self._resolver = resolver
+        self._resolver = configured_resolver(config or DNSConfig(), resolver)
 
     def lookup(self, name: str, rdtype: str) -> Deferred[Answer]:
         return deferToThreadPool(self._reactor, self._pool,  # type: ignore[arg-type]
@@ -153,28 +159,33 @@ class DNSPythonLookup:
 
     def _blocking_lookup(self, name: str, rdtype: str) -> Answer:
         """Runs in a pool thread: touch nothing shared but the (read-only) resolver."""
-        try:
-            answer = self._resolver.resolve(dns.name.from_text(name), rdtype,
-                                            search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            raise NXDomain(name) from None
-        except dns.exception.Timeout:
-            raise lookup_failed(f"timeout looking up {rdtype} of {name}") from None
-        except dns.resolver.NoNameservers:
-            raise lookup_failed(f"no nameserver answered {rdtype} of {name} "
-                                "(SERVFAIL or refused)") from None
-        except dns.exception.DNSException as e:
-            raise lookup_failed(f"{rdtype} of {name}: {e}") from None
-        ttl = float(answer.chaining_result.minimum_ttl)
-        if answer.rrset is None:
-            return Answer((), ttl)
-        if answer.rdtype == dns.rdatatype.MX:
-            values: tuple[Any, ...] = tuple(
-                (int(rr.preference), rr.exchange.to_text(omit_final_dot=True))
-                for rr in answer.rrset)
-        else:
-            values = tuple(str(rr.address) for rr in answer.rrset)
-        return Answer(values, ttl)
+        return blocking_lookup(self._resolver, name, rdtype)
+
+
+def blocking_lookup(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> Answer:
+    """One question, synchronously; raises NXDomain or TransientDNSError (lookup_failed)."""
+    try:
+        answer = resolver.resolve(dns.name.from_text(name), rdtype,
+                                  search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        raise NXDomain(name) from None
+    except dns.exception.Timeout:
+        raise lookup_failed(f"timeout looking up {rdtype} of {name}") from None
+    except dns.resolver.NoNameservers:
+        raise lookup_failed(f"no nameserver answered {rdtype} of {name} "
+                            "(SERVFAIL or refused)") from None
+    except dns.exception.DNSException as e:
+        raise lookup_failed(f"{rdtype} of {name}: {e}") from None
+    ttl = float(answer.chaining_result.minimum_ttl)
+    if answer.rrset is None:
+        return Answer((), ttl)
+    if answer.rdtype == dns.rdatatype.MX:
+        values: tuple[Any, ...] = tuple(
+            (int(rr.preference), rr.exchange.to_text(omit_final_dot=True))
+            for rr in answer.rrset)
+    else:
+        values = tuple(str(rr.address) for rr in answer.rrset)
+    return Answer(values, ttl)
 
 
 # --- cache ----------------------------------------------------------------------------

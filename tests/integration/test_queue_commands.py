@@ -3,6 +3,8 @@ socket) and against a stopped one (the spool files)."""
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,35 @@ def test_after_a_crash_the_stale_socket_means_not_running(daemons: DaemonFactory
     daemon.start()  # replaces the stale socket
     result = ctl(daemon, "queue", "release", queue_id)
     assert (result.returncode, result.stdout) == (0, f"released {queue_id}\n"), result.stderr
+
+
+def test_queue_list_json_asks_the_running_daemon(daemons: DaemonFactory) -> None:
+    """The contract's shape, from the daemon's memory: a delivery in flight (to a next
+    hop that accepts the connection and never greets) shows as ``delivering``."""
+    port = pick_port("127.0.0.2")
+    silent = socket.create_server(("127.0.0.2", port))  # listens, never accepts nor greets
+    try:
+        daemon = daemons.start(down_config(f"127.0.0.2:{port}"))
+        queue_id = send(daemon, ["user@down.test"]).queue_id
+
+        def in_flight() -> dict[str, Any] | None:
+            found = entry(daemon, queue_id)
+            return found if found and found["recipients"][0]["state"] == "delivering" \
+                else None
+
+        found = wait_for(in_flight, 10, "the recipient in flight in queue list --json")
+        assert set(found) == {"id", "sender", "received", "size", "held", "recipients"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", found["received"])
+        assert isinstance(found["size"], int) and found["held"] is False
+        [rcpt] = found["recipients"]
+        assert set(rcpt) == {"address", "state", "attempts", "next_attempt", "last_error"}
+        assert rcpt["address"] == "user@down.test"
+        result = ctl(daemon, "queue", "show", queue_id)
+        assert result.returncode == 0, result.stderr
+        assert '"state": "delivering"' in result.stdout
+        daemon.stop()
+        # with no daemon: the spool files, where a delivery in flight is not a state
+        [stored] = [e for e in queue_list(daemon) if e["id"] == queue_id]
+        assert stored["recipients"][0]["state"] in ("queued", "deferred")
+    finally:
+        silent.close()
