@@ -87,23 +87,18 @@ class Slots:
 
     def release(self) -> None:
         self.tokens += 1
-        if self._releasing:
-            return  # the loop below, further up the stack, hands it out
-        self._releasing = True
-        try:
-            while self.waiting and self.tokens > 0:
-                self.tokens -= 1
-                self.waiting.popleft().callback(None)
-        finally:
-            self._releasing = False
+        self._hand_out()
 
     def resize(self, limit: int) -> None:
         """A new limit (SIGHUP): more slots are handed out at once; with fewer, the
         holders over the limit finish and their slots are not given out again."""
         self.tokens += limit - self.limit
         self.limit = limit
+        self._hand_out()
+
+    def _hand_out(self) -> None:
         if self._releasing:
-            return
+            return  # the loop below, further up the stack, hands it out
         self._releasing = True
         try:
             while self.waiting and self.tokens > 0:
