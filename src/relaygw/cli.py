@@ -328,46 +328,54 @@ def cmd_queue_flush(config: Config, args: argparse.Namespace) -> None:
     print(f"flushed {count} message{'' if count == 1 else 's'}")
 
 
-def cmd_queue_hold(config: Config, args: argparse.Namespace) -> None:
+def _hold(spool: Spool, envelope: Envelope) -> object:
+    envelope.held = True
+    return spool.save(envelope)
+
+
+def _release(spool: Spool, envelope: Envelope) -> object:
+    envelope.held = False
+    for recipient in envelope.pending:
+        recipient.next_attempt = None
+    return spool.save(envelope)
+
+
+def _delete(spool: Spool, envelope: Envelope) -> object:
+    return spool.remove(envelope.id)
+
+
+def _change_on_daemon_or_spool(config: Config, args: argparse.Namespace, command: Any,
+                     verb: str, offline: Callable[[Spool, Envelope], object],
+                     what: str) -> dict[str, Any] | None:
+    """Run a hold/release/delete on the daemon; with none running, on the spool files
+    (nothing else uses them then). None when it was done offline."""
     queue_id = _queue_id(args.id)
     try:
-        _control(config, Hold, queue_id=queue_id)
+        return _control(config, command, queue_id=queue_id)
     except NotRunning:
-        def hold(spool: Spool, envelope: Envelope) -> object:
-            envelope.held = True
-            return spool.save(envelope)
-        _offline(config, queue_id, hold)
-        print(f"held {queue_id} (relaygw is not running: spool file rewritten)")
-        return
-    print(f"held {queue_id}")
+        _offline(config, queue_id, offline)
+        print(f"{verb} {queue_id} (relaygw is not running: {what})")
+        return None
+
+
+def cmd_queue_hold(config: Config, args: argparse.Namespace) -> None:
+    if _change_on_daemon_or_spool(config, args, Hold, "held", _hold,
+                                  "spool file rewritten") is not None:
+        print(f"held {args.id}")
 
 
 def cmd_queue_release(config: Config, args: argparse.Namespace) -> None:
-    queue_id = _queue_id(args.id)
-    try:
-        _control(config, Release, queue_id=queue_id)
-    except NotRunning:
-        def release(spool: Spool, envelope: Envelope) -> object:
-            envelope.held = False
-            for recipient in envelope.pending:
-                recipient.next_attempt = None
-            return spool.save(envelope)
-        _offline(config, queue_id, release)
-        print(f"released {queue_id} (relaygw is not running: spool file rewritten)")
-        return
-    print(f"released {queue_id}")
+    if _change_on_daemon_or_spool(config, args, Release, "released", _release,
+                        "spool file rewritten") is not None:
+        print(f"released {args.id}")
 
 
 def cmd_queue_delete(config: Config, args: argparse.Namespace) -> None:
-    queue_id = _queue_id(args.id)
-    try:
-        in_flight = _control(config, Delete, queue_id=queue_id)["in_flight"]
-    except NotRunning:
-        _offline(config, queue_id, lambda spool, envelope: spool.remove(queue_id))
-        print(f"deleted {queue_id} (relaygw is not running: spool files removed)")
-        return
-    print(f"deleted {queue_id}" + (" (its files go when the delivery in flight ends)"
-                                   if in_flight else ""))
+    answer = _change_on_daemon_or_spool(config, args, Delete, "deleted", _delete,
+                                        "spool files removed")
+    if answer is not None:
+        print(f"deleted {args.id}" + (" (its files go when the delivery in flight ends)"
+                                      if answer["in_flight"] else ""))
 
 
 def cmd_passwd(config: Config, args: argparse.Namespace) -> None:
