@@ -182,11 +182,10 @@ class FakeGateway:
         return sorted(p.name for p in self.directory.iterdir())
 
     def queued_ids(self) -> list[str]:
-        return sorted(p.name[:-4] for p in self.directory.glob("*.env")
-                      if not p.name.startswith("tmp-"))
+        return self.spool.queue_ids()
 
     def message(self, queue_id: str) -> bytes:
-        return self.spool.message_path(queue_id).read_bytes()
+        return self.spool.read_message(queue_id)
 
     def envelope(self, queue_id: str) -> Envelope:
         return self.spool.load(queue_id)

@@ -51,7 +51,7 @@ def send(tmp_path: Path, content: bytes, *addresses: str) -> tuple[Link, list[St
     path = tmp_path / "outgoing.msg"
     path.write_bytes(content)
     envelope = Envelope(id="OUT1", sender="alice@origin.test", received=0.0, recipients=[
-        Recipient(address=a, original=a, action="relay") for a in addresses])
+        Recipient(address=a, original=a, action="relay") for a in addresses], size=len(content))
     d = link.deliverer.deliver(envelope, path, envelope.recipients)
     link.run()
     return link, [r.status for r in result_of(d)]

@@ -30,11 +30,11 @@ def deliver(envelope: Envelope, message: Path, rcpts: list | None = None,
 def setup(tmp_path: Path, data: bytes = MESSAGE, sender: str = "s@src.test",
           count: int = 1) -> tuple[Envelope, Path]:
     message = tmp_path / "0000000000001000ABC.msg"
-    message.write_bytes(data)
+    message.write_bytes(data + b"\n{the envelope trailer, never delivered}\n")
     rcpts = [recipient(f"user{i}@example.test", action="local",
                        maildir=str(tmp_path / "mail" / f"user{i}")) for i in range(count)]
     envelope = Envelope(id="0000000000001000ABC", sender=sender, recipients=rcpts,
-                        received=1700000000.5)
+                        received=1700000000.5, size=len(data))
     return envelope, message
 
 

@@ -105,7 +105,7 @@ mx_port = {port}
 
     async def deliver(self, deliverer: SMTPRelayDeliverer, factory: FakeSMTPFactory,
                       address: str) -> list[DeliveryResult]:
-        env = envelope(address)
+        env = envelope(address, size=self.message.stat().st_size)
         results = await deliverer.deliver(env, self.message, env.recipients)
         # Both ends of every connection must be gone before the test ends.
         await gatherResults([s.closed for s in factory.servers]

@@ -339,14 +339,14 @@ def test_stop_waits_for_attempts_in_flight(tmp_path: Path) -> None:
     fired: list[object] = []
     stopped.addBoth(fired.append)
     assert fired == []
-    h.queue("later@x.test")  # after stop: kept on disk, not attempted
+    later = h.queue("later@x.test")  # after stop: kept on disk, not attempted
     call.finish()
     assert len(fired) == 1
     assert envelope.id not in h.scheduler.messages
-    assert envelope.id + ".env" not in h.on_disk()
+    assert envelope.id + ".msg" not in h.on_disk()
     h.advance(1000)
     assert len(h.relay.calls) == 1
-    assert len(h.on_disk()) == 2  # the later message stays queued for the next start
+    assert h.on_disk() == [f"{later.id}.msg"]  # the later message stays queued for the next start
 
 
 def test_stop_starts_no_delivery_still_waiting_for_a_slot(tmp_path: Path) -> None:
@@ -494,10 +494,10 @@ def test_recipients_in_flight_are_not_offered_twice(tmp_path: Path) -> None:
 
 
 def test_held_message_is_not_attempted(h: Harness) -> None:
-    h.queue("a@x.test", held=True)
+    envelope = h.queue("a@x.test", held=True)
     h.advance(100_000)
     assert h.relay.calls == []
-    assert len(h.on_disk()) == 2
+    assert h.on_disk() == [f"{envelope.id}.msg"]
 
 
 def test_events_carry_the_reply_and_delay(h: Harness) -> None:

@@ -57,18 +57,18 @@ def test_gateway_queues_a_bounce_to_the_sender(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     gateway = Gateway(config_for(tmp_path), reactor, sync_run, deliverers={})
     gateway.spool.prepare()
+    content = b"Subject: hi\r\nMessage-ID: <m1@src.test>\r\n\r\nbody\r\n"
     original = Envelope(id="ORIGINAL", sender="alice@src.test", received=0.0, recipients=[
         Recipient("x@far.test", "x@far.test", "relay", state=RecipientState.FAILED,
-                  attempts=1, last_error="550 5.1.1 unknown")])
-    message = gateway.spool.message_path("ORIGINAL")
-    message.write_bytes(b"Subject: hi\r\nMessage-ID: <m1@src.test>\r\n\r\nbody\r\n")
+                  attempts=1, last_error="550 5.1.1 unknown")], size=len(content))
+    gateway.spool.message_path("ORIGINAL").write_bytes(content + b"trailer, never read")
     queued: list[Envelope] = []
     gateway.scheduler.enqueue = queued.append  # type: ignore[method-assign]
     gateway.bounce(original, original.recipients)
     [bounce] = queued
     assert bounce.sender == ""
     assert [(r.address, r.action) for r in bounce.recipients] == [("alice@src.test", "local")]
-    parsed = email.message_from_bytes(gateway.spool.message_path(bounce.id).read_bytes())
+    parsed = email.message_from_bytes(gateway.spool.read_message(bounce.id))
     assert parsed.get_content_type() == "multipart/report"
     assert "Message-ID: <m1@src.test>" in parsed.get_payload()[2].get_payload()
     assert [e.id for e in Spool(tmp_path / "spool", sync_run).recover()] == [bounce.id]

@@ -59,15 +59,20 @@ action = "relay"
 """, "test.toml")
 
 
-def envelope(*addresses: str, sender: str = "alice@origin.test") -> Envelope:
-    return Envelope(id="Q1", sender=sender, received=0.0,
+DEFAULT_CONTENT = b"Subject: hi\r\n\r\nHello.\r\n"
+
+
+def envelope(*addresses: str, sender: str = "alice@origin.test",
+             size: int = len(DEFAULT_CONTENT)) -> Envelope:
+    return Envelope(id="Q1", sender=sender, received=0.0, size=size,
                     recipients=[Recipient(address=a, original=a, action="relay")
                                 for a in addresses])
 
 
-def message(tmp_path: Path, content: bytes = b"Subject: hi\r\n\r\nHello.\r\n") -> Path:
+def message(tmp_path: Path, content: bytes = DEFAULT_CONTENT) -> Path:
+    """A queue file: ``content`` then bytes a delivery must never send (the trailer)."""
     path = tmp_path / "message"
-    path.write_bytes(content)
+    path.write_bytes(content + b"\n{not part of the message}\n")
     return path
 
 
@@ -425,8 +430,8 @@ def test_delivers_all_recipients_in_one_transaction(tmp_path: Path) -> None:
 
 def test_dots_and_line_ends_reach_the_server_exactly(tmp_path: Path) -> None:
     world = InMemory()
-    env = envelope("bob@example.test", sender="")
     content = b"Subject: dots\r\n\r\n.leading\r\n..two\r\n.\r\nlast line"
+    env = envelope("bob@example.test", sender="", size=len(content))
     results = world.deliver(env, message(tmp_path, content))
     assert results[0].status is Status.DELIVERED
     assert world.server.commands[1] == f"MAIL FROM:<> SIZE={len(content)}"
@@ -438,7 +443,8 @@ def test_a_big_message_with_a_dot_on_every_line_arrives_intact(tmp_path: Path) -
     world = InMemory()
     line = b"." + b"x" * 77 + b"\r\n"
     content = line * 20000  # 1.6 MB, every line needing a dot
-    results = world.deliver(envelope("bob@example.test"), message(tmp_path, content))
+    results = world.deliver(envelope("bob@example.test", size=len(content)),
+                            message(tmp_path, content))
     assert results[0].status is Status.DELIVERED
     assert world.server.messages == [(b"." + line) * 20000 + b".\r\n"]
 
@@ -648,7 +654,7 @@ class Dialog:
             ("mx1.example.test", "A"): Answer(("127.0.0.2",), 60)}))
         deliverer = SMTPRelayDeliverer(config(), self.clock, resolver, timeouts=timeouts,
                                        connect=connect)
-        env = envelope(*addresses)
+        env = envelope(*addresses, size=len(content))
         self.result = deliverer.deliver(env, message(tmp_path, content), env.recipients)
 
     def server(self, *lines: str) -> bytes:

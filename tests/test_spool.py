@@ -16,7 +16,14 @@ from twisted.python.failure import Failure
 
 from core_fakes import FailingOS, recipient, sync_run
 from relaygw.envelope import Envelope, RecipientState
-from relaygw.spool import BUFFER_LIMIT, Spool, is_queue_id, new_queue_id
+from relaygw.spool import (
+    BUFFER_LIMIT,
+    FOOTER_SIZE,
+    Spool,
+    is_queue_id,
+    new_queue_id,
+    trailer_footer,
+)
 
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
 
@@ -64,8 +71,11 @@ def test_commit_then_recover(tmp_path: Path) -> None:
     envelope, outcome = commit(spool)
     assert outcome is None
     assert envelope.size == len(MESSAGE)
-    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
-    assert spool.message_path(envelope.id).read_bytes() == MESSAGE
+    assert names(spool.directory) == [f"{envelope.id}.msg"]  # one file: one fsync
+    assert spool.read_message(envelope.id) == MESSAGE
+    raw = spool.message_path(envelope.id).read_bytes()
+    assert raw.startswith(MESSAGE) and raw.endswith(trailer_footer(len(raw) - len(MESSAGE)
+                                                                   - FOOTER_SIZE))
 
     recovered = list(make_spool(tmp_path / "spool").recover())
     assert recovered == [envelope]
@@ -82,7 +92,7 @@ def test_commit_of_a_message_bigger_than_the_buffer(tmp_path: Path) -> None:
     envelope = Envelope(id=incoming.id, sender="", recipients=[recipient("a@b.test")],
                         received=0.0)
     assert result_of(spool.commit(incoming, envelope)) is None
-    assert spool.message_path(envelope.id).read_bytes() == data
+    assert spool.read_message(envelope.id) == data
     assert envelope.size == len(data)
 
 
@@ -131,10 +141,9 @@ def count_commit_calls(tmp_path: Path) -> list[str]:
 
 def test_commit_makes_every_step_durable(tmp_path: Path) -> None:
     calls = count_commit_calls(tmp_path)
-    # message file created (lazily, in the commit), written and fsynced; envelope
-    # opened, written, fsynced; two renames; the directory fsynced
-    assert calls == ["open", "write", "fsync", "open", "write", "fsync", "rename", "rename",
-                     "fsync"]
+    # the queue file created (lazily, in the commit), message and envelope trailer
+    # written and fsynced; one rename; the directory fsynced
+    assert calls == ["open", "write", "fsync", "rename", "fsync"]
 
 
 def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path) -> None:
@@ -181,30 +190,64 @@ def test_recover_cleans_up_after_a_crash(tmp_path: Path) -> None:
     spool = make_spool(directory)
     good, _ = commit(spool)
     second, _ = commit(spool)
-    orphan, no_msg, garbage, bad_version = (new_queue_id() for _ in range(4))
+    half_removed, no_trailer, garbage, bad_version = (new_queue_id() for _ in range(4))
     seed(directory, f"tmp-{new_queue_id()}", b"half a message")
     seed(directory, f"tmp-{new_queue_id()}.env", b"{")
-    seed(directory, f"{orphan}.msg", MESSAGE)              # the envelope never renamed
-    seed(directory, f"{no_msg}.env", good.to_bytes())      # the message went missing
+    seed(directory, f"{half_removed}.env", good.to_bytes())  # its queue file was unlinked
+    seed(directory, f"{no_trailer}.msg", MESSAGE)            # damaged: no envelope anywhere
     seed(directory, f"{garbage}.env", b"not json")
     seed(directory, f"{garbage}.msg", MESSAGE)
-    seed(directory, f"{bad_version}.env", b'{"version": 99}')
-    seed(directory, f"{bad_version}.msg", MESSAGE)
+    seed(directory, f"{bad_version}.msg", MESSAGE + b'{"version": 99}'
+         + trailer_footer(len(b'{"version": 99}')))
 
     recovered = list(make_spool(directory).recover())
 
     assert sorted(e.id for e in recovered) == sorted([good.id, second.id])
-    assert names(directory) == sorted([
-        f"{good.id}.env", f"{good.id}.msg", f"{second.id}.env", f"{second.id}.msg",
-        "corrupt"])
+    assert names(directory) == sorted([f"{good.id}.msg", f"{second.id}.msg", "corrupt"])
     assert names(directory / "corrupt") == sorted([
-        f"{no_msg}.env", f"{garbage}.env", f"{garbage}.msg", f"{bad_version}.env",
-        f"{bad_version}.msg"])
+        f"{no_trailer}.msg", f"{garbage}.env", f"{garbage}.msg", f"{bad_version}.msg"])
     assert (directory / "corrupt" / f"{garbage}.env").read_bytes() == b"not json"
     assert stat.S_IMODE((directory / "corrupt").stat().st_mode) == 0o700
     # a second start-up finds the same, and nothing more to clean
     assert sorted(e.id for e in make_spool(directory).recover()) == sorted([good.id,
                                                                             second.id])
+
+
+@pytest.mark.parametrize("footer", [
+    b"", b"\nrelaygw-envelope 0000000099\n", b"\nrelaygw-envelope 00000000x9\n",
+    b"\nrelaygw-envelope  000000009\n", b"\nsomething-else 0000000009\n"])
+def test_a_damaged_trailer_is_quarantined_not_trusted(tmp_path: Path, footer: bytes) -> None:
+    directory = tmp_path / "spool"
+    spool = make_spool(directory)
+    envelope, _ = commit(spool)
+    raw = spool.message_path(envelope.id).read_bytes()
+    spool.message_path(envelope.id).write_bytes(raw[:-FOOTER_SIZE] + footer)
+    assert list(make_spool(directory).recover()) == []
+    assert names(directory / "corrupt") == [f"{envelope.id}.msg"]
+
+
+def test_an_entry_of_the_two_file_layout_still_loads(tmp_path: Path) -> None:
+    """Spools written before the trailer: ID.msg is the bare message, ID.env the envelope."""
+    directory = tmp_path / "spool"
+    make_spool(directory)
+    envelope = Envelope(id=new_queue_id(), sender="s@src.test",
+                        recipients=[recipient("a@dst.test")], received=1.0,
+                        size=len(MESSAGE))
+    seed(directory, f"{envelope.id}.msg", MESSAGE)
+    seed(directory, f"{envelope.id}.env", envelope.to_bytes())
+    spool = make_spool(directory)
+    assert list(spool.recover()) == [envelope]
+    assert spool.read_message(envelope.id) == MESSAGE
+
+
+def test_message_file_stops_where_the_trailer_starts(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    with spool.open_message(envelope) as message:
+        first = message.read(10)
+        rest = message.read(10**6)
+        assert message.read(10) == b"" and message.read() == b""
+    assert first + rest == MESSAGE
 
 
 def test_recover_of_an_empty_spool(tmp_path: Path) -> None:
@@ -221,6 +264,7 @@ def test_save_rewrites_the_envelope_atomically(tmp_path: Path) -> None:
     envelope.recipients[1].last_error = "451 4.4.1 try later"
     assert result_of(spool.save(envelope)) is None
     assert spool.load(envelope.id) == envelope
+    assert list(make_spool(spool.directory).recover()) == [envelope]  # the rewrite wins
     assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
     assert stat.S_IMODE(spool.envelope_path(envelope.id).stat().st_mode) == 0o600
 
@@ -230,17 +274,18 @@ def test_failed_save_keeps_the_previous_envelope(tmp_path: Path, step: int) -> N
     fake = FailingOS(fail_at=step)
     spool = make_spool(tmp_path / "spool", fake)
     envelope, _ = commit(spool)
-    before = spool.envelope_path(envelope.id).read_bytes()
+    before = spool.load(envelope.id).to_bytes()
     envelope.recipients[0].state = RecipientState.DELIVERED
     fake.armed = True
     outcome = result_of(spool.save(envelope))
     fake.armed = False
-    if step <= 4:  # open, write, fsync, rename
-        assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
-        assert spool.envelope_path(envelope.id).read_bytes() == before
+    assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
+    if step <= 4:  # open, write, fsync, rename: the committed envelope stands
+        assert spool.load(envelope.id).to_bytes() == before
+        assert names(spool.directory) == [f"{envelope.id}.msg"]
     else:  # the directory fsync: the rename happened, the new record stands
-        assert isinstance(outcome, Failure)
-    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+        assert spool.load(envelope.id).to_bytes() == envelope.to_bytes()
+        assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
 
 
 def test_delivering_is_never_written(tmp_path: Path) -> None:
@@ -258,8 +303,9 @@ def test_remove(tmp_path: Path) -> None:
     spool = make_spool(tmp_path / "spool")
     envelope, _ = commit(spool)
     other, _ = commit(spool)
+    spool.save(envelope)  # an entry with a rewritten envelope goes whole too
     assert result_of(spool.remove(envelope.id)) is None
-    assert names(spool.directory) == [f"{other.id}.env", f"{other.id}.msg"]
+    assert names(spool.directory) == [f"{other.id}.msg"]
     assert result_of(spool.remove(envelope.id)) is None  # already gone: fine
     assert [e.id for e in spool.recover()] == [other.id]
 

@@ -192,12 +192,13 @@ def _load_queue(config: Config) -> list[Envelope]:
     directory = config.queue.directory
     if not directory.is_dir():
         return []
+    spool = _offline_spool(config)
     envelopes = []
-    for path in sorted(directory.glob("*.env")):
-        if path.name.startswith("tmp-") or not is_queue_id(path.stem):
+    for queue_id in spool.queue_ids():
+        if not is_queue_id(queue_id):
             continue
         try:
-            envelopes.append(Envelope.from_bytes(path.read_bytes()))
+            envelopes.append(spool.load(queue_id))
         except (OSError, ValueError, TypeError, KeyError):
             continue  # removed meanwhile, or being rewritten
     return envelopes
@@ -236,21 +237,17 @@ def cmd_queue_list(config: Config, args: argparse.Namespace) -> None:
 
 def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
     queue_id = _queue_id(args.id)
-    directory = config.queue.directory
-
-    def offline() -> dict[str, Any]:
-        try:
-            envelope = Envelope.from_bytes((directory / f"{queue_id}.env").read_bytes())
-        except FileNotFoundError:
-            raise Failure(f"no such message in the queue: {queue_id}") from None
-        return show_entry(envelope)
-
-    entry = _daemon_or_spool(config, ShowMessage, offline, queue_id=queue_id)
+    spool = _offline_spool(config)
     try:
-        with open(directory / f"{queue_id}.msg", "rb") as message:
+        envelope = spool.load(queue_id)
+        with spool.open_message(envelope) as message:
             head = message.read(256 * 1024)
     except FileNotFoundError:
         raise Failure(f"no such message in the queue: {queue_id}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise Failure(f"{spool.message_path(queue_id)}: unreadable entry: {e}") from None
+    entry = _daemon_or_spool(config, ShowMessage, lambda: show_entry(envelope),
+                             queue_id=queue_id)
     print(json.dumps(entry, indent=2))
     print()
     end = head.find(b"\r\n\r\n")
@@ -306,7 +303,7 @@ def _offline(config: Config, queue_id: str, change: Callable[[Spool, Envelope], 
     except FileNotFoundError:
         raise Failure(f"no such message in the queue: {queue_id}") from None
     except (ValueError, TypeError, KeyError) as e:
-        raise Failure(f"{spool.envelope_path(queue_id)}: unreadable envelope: {e}") from None
+        raise Failure(f"{spool.message_path(queue_id)}: unreadable entry: {e}") from None
     errors: list[Any] = []
     d = change(spool, envelope)
     if isinstance(d, Deferred):

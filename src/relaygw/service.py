@@ -280,7 +280,7 @@ class Gateway(Service):
             self.log.warn("{id}: cannot bounce to <{sender}>: {reply}", id=envelope.id,
                           sender=envelope.sender, reply=routed.reply)
             return
-        headers = await self.run_blocking(_read_headers, self.spool.message_path(envelope.id))
+        headers = await self.run_blocking(_read_headers, self.spool, envelope)
         data = build_bounce(envelope, failed, headers, self.config.hostname,
                             self.clock.seconds())
         bounce_id = await self.inject("", routed, data)
@@ -314,8 +314,8 @@ def _restart_conflict(config: Config) -> str | None:
     return None
 
 
-def _read_headers(path: Path) -> bytes:
-    with open(path, "rb") as message:
+def _read_headers(spool: Spool, envelope: Envelope) -> bytes:
+    with spool.open_message(envelope) as message:
         return header_block(message.read(MAX_QUOTED_HEADERS + 4))
 
 

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer
-from relaygw.spool import BlockingRunner
+from relaygw.spool import BlockingRunner, MessageFile
 
 CHUNK = 256 * 1024
 
@@ -76,7 +76,8 @@ class MaildirDeliverer:
                   f"Delivered-To: {recipient.address}\n").encode()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with open(fd, "wb", closefd=False) as out, open(message_path, "rb") as source:
+            with (open(fd, "wb", closefd=False) as out,
+                  MessageFile(message_path, envelope.size) as source):
                 out.write(header)
                 carry = b""
                 while chunk := source.read(CHUNK):

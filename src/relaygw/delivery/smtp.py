@@ -57,6 +57,7 @@ from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
 from relaygw.routing import Router
+from relaygw.spool import MessageFile
 
 # What a broken session raises: each means "no reply", never "a reply that said no".
 SESSION_ERRORS = (SMTPTimeout, SMTPProtocolError, ConnectionLost)
@@ -307,10 +308,11 @@ class SMTPRelayDeliverer:
         policy: TLSPolicy = (route.tls if route is not None and route.tls is not None
                              else self.config.relay.tls)
         try:
-            size = os.stat(message_path).st_size
+            os.stat(message_path)  # a queue file gone missing defers before any connection
         except OSError as e:
             return _all(recipients, DeliveryResult.deferred(
                 f"451 4.3.0 Cannot read the queued message: {e.strerror or e}"))
+        size = envelope.size
         try:
             if route is not None and route.via is not None:
                 hops = await self._resolver.resolve_host(*route.via)
@@ -620,7 +622,7 @@ class _Session:
 
     async def _send_message(self) -> Reply | Exception:
         try:
-            with open(self.message_path, "rb") as source:
+            with MessageFile(self.message_path, self.envelope.size) as source:
                 await self.proto.send_message(source, self.t.data_block)
             return await self.proto.expect(self.t.data_end, "the end of data")
         except (*SESSION_ERRORS, OSError) as e:
