@@ -5,9 +5,12 @@ from __future__ import annotations
 import email
 from pathlib import Path
 
-from twisted.internet.defer import maybeDeferred
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
+from core_fakes import queue_message
+from relaygw import service as service_module
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
 from relaygw.service import Gateway, build_service
@@ -84,3 +87,46 @@ def test_no_bounce_for_a_null_sender(tmp_path: Path) -> None:
     gateway.scheduler.enqueue = queued.append  # type: ignore[method-assign]
     gateway.bounce(original, original.recipients)
     assert queued == []
+
+
+class ManualRunner:
+    """A blocking runner whose calls wait until the test runs them, one at a time."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Deferred[object], object, tuple[object, ...]]] = []
+
+    def __call__(self, fn, *args):  # type: ignore[no-untyped-def]
+        d: Deferred[object] = Deferred()
+        self.waiting.append((d, fn, args))
+        return d
+
+    def run_next(self) -> None:
+        d, fn, args = self.waiting.pop(0)
+        d.callback(fn(*args))  # type: ignore[operator]
+
+
+def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "RECOVERY_BATCH", 3)
+    spool = Spool(tmp_path / "spool", sync_run)
+    spool.prepare()
+    queued = [queue_message(spool, [Recipient("x@far.test", "x@far.test", "relay")],
+                            held=True) for _ in range(7)]
+    (tmp_path / "spool" / "tmp-0000000000000000000").write_bytes(b"half written")
+    runner = ManualRunner()
+    gateway = Gateway(config_for(tmp_path), MemoryReactorClock(), runner, deliverers={})
+    gateway.startService()
+    try:
+        # the stale temp file went before anything could be received; nothing read yet
+        assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == sorted(
+            f"{e.id}.msg" for e in queued)
+        assert gateway.scheduler.messages == {} and not gateway.resumed.called
+        sizes = []
+        while runner.waiting:
+            runner.run_next()
+            sizes.append(len(gateway.scheduler.messages))
+        assert sizes == [3, 6, 7]
+        assert gateway.resumed.called
+        assert sorted(gateway.scheduler.messages) == sorted(e.id for e in queued)
+    finally:
+        gateway.stopService()

@@ -19,6 +19,7 @@ from relaygw.envelope import Envelope, RecipientState
 from relaygw.spool import (
     BUFFER_LIMIT,
     FOOTER_SIZE,
+    TRAILER_READ,
     Spool,
     is_queue_id,
     new_queue_id,
@@ -237,6 +238,18 @@ def test_an_entry_of_the_two_file_layout_still_loads(tmp_path: Path) -> None:
     seed(directory, f"{envelope.id}.env", envelope.to_bytes())
     spool = make_spool(directory)
     assert list(spool.recover()) == [envelope]
+    assert spool.read_message(envelope.id) == MESSAGE
+
+
+def test_an_envelope_longer_than_one_tail_read_loads(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    incoming = spool.open_incoming()
+    incoming.write(MESSAGE)
+    envelope = Envelope(id=incoming.id, sender="s@src.test", received=0.0,
+                        recipients=[recipient(f"{'x' * 60}{i}@dst.test") for i in range(100)])
+    assert result_of(spool.commit(incoming, envelope)) is None
+    assert len(envelope.to_bytes()) > TRAILER_READ
+    assert list(make_spool(spool.directory).recover()) == [envelope]
     assert spool.read_message(envelope.id) == MESSAGE
 
 

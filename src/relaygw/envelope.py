@@ -27,6 +27,10 @@ class RecipientState(StrEnum):
                         RecipientState.DELIVERING)
 
 
+_DELIVERED = RecipientState.DELIVERED
+_FAILED = RecipientState.FAILED
+
+
 @dataclass(slots=True)
 class Recipient:
     address: str                  # after alias expansion: where it goes
@@ -58,7 +62,10 @@ class Envelope:
 
     @property
     def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state.pending]
+        # Identity tests: an enum property or a set lookup (Enum.__hash__ is Python
+        # code) costs more, and the scheduler asks this several times per message.
+        return [r for r in self.recipients
+                if r.state is not _DELIVERED and r.state is not _FAILED]
 
     def to_bytes(self) -> bytes:
         # Built by hand: dataclasses.asdict deep-copies, and this runs after

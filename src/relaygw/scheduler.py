@@ -23,6 +23,17 @@ to go is the probe and the others wait for its verdict, so a destination that
 is still down costs one transport call per back-off step, not one per
 message. Any outcome that is not a whole-destination failure (a delivery, a
 reply about a recipient) clears the mark; so does ``flush`` (ETRN).
+
+Bounded work for a big queue (100,000 messages after a restart, say): an
+attempt in flight costs a coroutine and its Deferreds (kilobytes), a queued
+message only its envelope. So the due run never starts more than
+``ATTEMPT_WINDOW`` attempts at once, nor more than ``BACKLOG_PER_SLOT`` groups
+per slot of one destination: the rest wait as bare ids (``_blocked``) and are
+let go as the destination's groups are handed over. A message whose every due
+destination is dead is parked on the spot, without an attempt, and a message
+for a destination being probed waits as an id for the verdict. One due run
+handles at most ``DUE_BATCH`` messages, then lets the reactor serve the
+network before it goes on.
 """
 
 from __future__ import annotations
@@ -47,6 +58,10 @@ from relaygw.spool import Spool
 
 Bouncer = Callable[[Envelope, list[Recipient]], Deferred[object]]
 T = TypeVar("T")
+
+ATTEMPT_WINDOW = 1000  # attempts in flight at most (each holds a coroutine)
+BACKLOG_PER_SLOT = 4   # groups started per per-destination slot before ids wait aside
+DUE_BATCH = 500        # messages looked at per due run before the reactor gets a turn
 
 
 @dataclass(slots=True)
@@ -222,6 +237,7 @@ class Scheduler:
         self._per_destination: dict[str, Slots] = {}
         self._destinations: dict[str, _Destination] = {}  # only those that failed as a whole
         self._ready: dict[str, int] = {}  # groups ready for a destination, not yet handed over
+        self._blocked: dict[str, deque[str]] = {}  # ids held back per destination (backlog)
         self.running = False
         for deliverer in deliverers.values():
             if IBacklogAware.providedBy(deliverer):
@@ -246,6 +262,13 @@ class Scheduler:
         self.running = True
         for envelope in recovered:
             self._add(envelope)
+        self._arm()
+
+    def resume(self, envelopes: Iterable[Envelope]) -> None:
+        """Entries read back from the spool after start (in batches): due as they say."""
+        for envelope in envelopes:
+            if envelope.id not in self.messages:
+                self._add(envelope)
         self._arm()
 
     def enqueue(self, envelope: Envelope) -> None:
@@ -385,13 +408,19 @@ class Scheduler:
         self._timer = None
         return DeferredList(list(self._active.values()), consumeErrors=True)
 
+    @property
+    def attempts_in_flight(self) -> int:
+        """Attempts started and not yet recorded (bounded by ``ATTEMPT_WINDOW``)."""
+        return len(self._active)
+
     def backlog(self, destination: str) -> int:
-        """Groups for ``destination`` ready but not yet handed to the transport.
+        """Mail for ``destination`` due but not yet handed to the transport: groups
+        waiting for slots, and ids waiting aside (backlog or probe).
 
         Transports use it to keep a connection open only when the next message
         for it is already waiting (see ``IBacklogAware``).
         """
-        return self._ready.get(destination, 0)
+        return self._ready.get(destination, 0) + len(self._blocked.get(destination, ()))
 
     def dead_until(self, destination: str) -> float | None:
         """When a dead destination may be tried again; None if it is not dead now."""
@@ -408,14 +437,17 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._heap:
+        if self._heap and len(self._active) < ATTEMPT_WINDOW:
+            # With the window full, the end of an attempt arms the timer again.
             delay = max(0.0, self._heap[0][0] - self.clock.seconds())
             self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
         self._timer = None
         now = self.clock.seconds()
-        while self._heap and self._heap[0][0] <= now:
+        budget = DUE_BATCH
+        while (self._heap and self._heap[0][0] <= now and budget > 0
+               and len(self._active) < ATTEMPT_WINDOW):
             _, _, queue_id = heapq.heappop(self._heap)
             envelope = self.messages.get(queue_id)
             if envelope is None or envelope.held:
@@ -423,11 +455,63 @@ class Scheduler:
             if queue_id in self._active or queue_id in self._writing:
                 self._again.add(queue_id)  # look again when the attempt (or write) ends
                 continue
-            if not any(r.next_attempt is None or r.next_attempt <= now
-                       for r in envelope.pending):
+            due = [r for r in envelope.pending
+                   if r.state is not RecipientState.DELIVERING
+                   and (r.next_attempt is None or r.next_attempt <= now)]
+            if not due:
                 continue  # a stale entry (left by flush): the entry for the real time is queued
+            budget -= 1
+            destinations = {self._destination_of(r) for r in due}
+            if self._park_if_all_dead(envelope, due, destinations, now):
+                continue
+            crowded = next((d for d in destinations if self._crowded(d)), None)
+            if crowded is not None:
+                self._blocked.setdefault(crowded, deque()).append(queue_id)
+                continue
             self._start_attempt(envelope)
         self._arm()
+
+    def _crowded(self, destination: str) -> bool:
+        """Whether a destination has enough groups started (or a probe to wait for)
+        that another message for it should wait aside as an id."""
+        state = self._destinations.get(destination)
+        if state is not None and state.probing:
+            return True
+        return self._ready.get(destination, 0) >= self._backlog_limit()
+
+    def _backlog_limit(self) -> int:
+        return BACKLOG_PER_SLOT * self.config.per_destination
+
+    def _unblock(self, destination: str, count: int | None = None) -> None:
+        """Let ``count`` (default: all) ids held back for a destination be due again."""
+        blocked = self._blocked.get(destination)
+        if not blocked:
+            return
+        if count is None:
+            count = len(blocked)
+        now = self.clock.seconds()
+        for _ in range(min(count, len(blocked))):
+            heapq.heappush(self._heap, (now, next(self._sequence), blocked.popleft()))
+        if not blocked:
+            del self._blocked[destination]
+        self._arm()
+
+    def _park_if_all_dead(self, envelope: Envelope, due: list[Recipient],
+                          destinations: set[str], now: float) -> bool:
+        """Park a message whose every due destination is dead, without an attempt
+        (no coroutine, no disk write); True when it did."""
+        states = [self._destinations.get(d) for d in destinations]
+        if not all(state is not None and state.dead_until > now for state in states):
+            return False
+        if retry.expired(now, envelope.received, self.config.max_age):
+            return False  # expiry bounces and writes: the attempt's path does that
+        for recipient in due:
+            state = self._destinations[self._destination_of(recipient)]
+            self._park(envelope, recipient, _Suspended(state.dead_until, state.last_error))
+        self._push(envelope)
+        for destination in destinations:
+            self._unblock(destination)  # what waited aside for it is parked the same way
+        return True
 
     def _start_attempt(self, envelope: Envelope) -> None:
         d = Deferred.fromCoroutine(self._attempt(envelope))
@@ -436,6 +520,8 @@ class Scheduler:
         def finished(result: object) -> None:
             queue_id = envelope.id
             del self._active[queue_id]
+            if len(self._active) == ATTEMPT_WINDOW - 1 and self._timer is None:
+                self._arm()  # the window was full: the due run goes on
             if queue_id in self._deleted:  # by the operator, while the attempt ran
                 self._deleted.discard(queue_id)
                 self._spool_op(queue_id, lambda: self.spool.remove(queue_id)).addErrback(
@@ -545,6 +631,7 @@ class Scheduler:
                     self._ready[destination] = left
                 else:
                     self._ready.pop(destination, None)
+                self._unblock(destination, max(1, self._backlog_limit() - left))
 
         def start() -> Deferred[list[DeliveryResult]]:
             nonlocal probe
@@ -570,6 +657,7 @@ class Scheduler:
             handed_over()
             if probe is not None:
                 probe.probe_done()
+                self._unblock(destination)  # those that waited aside for the verdict
 
     def _in_slots(self, destination: str, start: Callable[[], Deferred[list[DeliveryResult]]]
                   ) -> Deferred[list[DeliveryResult]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -37,7 +37,7 @@ from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
-from relaygw.spool import BlockingRunner, Spool
+from relaygw.spool import RECOVERY_BATCH, BlockingRunner, Spool
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
@@ -80,6 +80,7 @@ class Gateway(Service):
         if deliverers is None:
             deliverers = default_deliverers(config, reactor, run_blocking)
         self.run_blocking = run_blocking
+        self.resumed: Deferred[None] = succeed(None)  # start-up's read of the spool
         self.scheduler = Scheduler(self.spool, deliverers, reactor, config.queue,
                                    bouncer=self.bounce, on_event=self.maillog.outcome)
         # Files are read in startService, inside twistd's --rundir.
@@ -102,10 +103,26 @@ class Gateway(Service):
         if self.disk is not None:
             self.disk.pool.start()
         self.spool.prepare()
-        recovered = list(self.spool.recover())
-        if recovered:
-            self.log.info("spool: resuming {count} queued messages", count=len(recovered))
-        self.scheduler.start(recovered)
+        entries = self.spool.scan()  # before anything is received: temp files are stale
+        self.scheduler.start()
+        self.resumed = Deferred.fromCoroutine(self._resume(entries))
+        self.resumed.addErrback(lambda f: self.log.failure("spool: resuming the queue failed", f))
+
+    async def _resume(self, entries: list[tuple[str, bool]]) -> None:
+        """Read the queue back in batches in the thread pool while the listeners
+        already serve: a big spool neither delays the banner nor blocks the reactor."""
+        if not entries:
+            return
+        self.log.info("spool: resuming {count} queued messages", count=len(entries))
+        count = 0
+        for start in range(0, len(entries), RECOVERY_BATCH):
+            envelopes = await self.run_blocking(self.spool.load_entries,
+                                                entries[start:start + RECOVERY_BATCH])
+            if not self.running:
+                return
+            self.scheduler.resume(envelopes)
+            count += len(envelopes)
+        self.log.info("spool: {count} queued messages resumed", count=count)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM: the listeners have stopped (they stop first); sessions finish

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -46,6 +46,8 @@ from relaygw.envelope import Envelope
 
 T = TypeVar("T")
 BUFFER_LIMIT = 64 * 1024
+RECOVERY_BATCH = 1000  # entries read per trip to the thread pool at start-up
+TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
 _ids = itertools.count()
 _random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
@@ -112,6 +114,7 @@ class Spool:
 
     def __init__(self, directory: Path, run_blocking: BlockingRunner, os_module: Any = os) -> None:
         self.directory = Path(directory)
+        self._directory = str(self.directory)  # for the hot paths: no Path objects
         self.run_blocking = run_blocking
         self.os = os_module
         self._count_lock = threading.Lock()
@@ -127,25 +130,41 @@ class Spool:
         os.chmod(self.directory, 0o700)
 
     def recover(self) -> Iterator[Envelope]:
-        """Yield every complete entry; remove temp files and half-removed entries.
+        """Yield every complete entry (``scan`` then ``load_entries``, all at once)."""
+        entries = self.scan()
+        for start in range(0, len(entries), RECOVERY_BATCH):
+            yield from self.load_entries(entries[start:start + RECOVERY_BATCH])
 
-        An entry that cannot be read is set aside in ``corrupt/``, never deleted."""
+    def scan(self) -> list[tuple[str, bool]]:
+        """Clean up after a crash and list the entries: (queue id, has ID.env), oldest
+        first. Temp files and lone ID.env files (a removal cut short) are removed.
+
+        Run before anything is received: a temp file then belongs to nobody."""
         names = set(os.listdir(self.directory))
-        for name in sorted(names):
+        entries = []
+        for name in names:
             if name.startswith("tmp-"):
                 self._unlink_quietly(self.directory / name)
             elif name.endswith(".env") and f"{name[:-4]}.msg" not in names:
                 self._unlink_quietly(self.directory / name)  # removal was under way
-        for name in sorted(names):
-            if not name.endswith(".msg") or name.startswith("tmp-"):
-                continue
-            queue_id = name[:-4]
+            elif name.endswith(".msg"):
+                queue_id = name[:-4]
+                entries.append((queue_id, f"{queue_id}.env" in names))
+        entries.sort()
+        return entries
+
+    def load_entries(self, entries: list[tuple[str, bool]]) -> list[Envelope]:
+        """The envelopes of entries listed by ``scan`` (blocking). An entry that cannot
+        be read is set aside in ``corrupt/``, never deleted; one gone meanwhile is skipped."""
+        envelopes = []
+        for queue_id, rewritten in entries:
             try:
-                envelope = self._read_envelope(queue_id, f"{queue_id}.env" in names)
+                envelopes.append(self._read_envelope(queue_id, rewritten))
+            except FileNotFoundError:
+                continue
             except (OSError, ValueError, TypeError, KeyError) as e:
                 self._quarantine(queue_id, str(e))
-                continue
-            yield envelope
+        return envelopes
 
     def _quarantine(self, queue_id: str, problem: str) -> None:
         """Keep an unreadable entry for the operator instead of deleting mail."""
@@ -242,15 +261,19 @@ class Spool:
     def _read_envelope(self, queue_id: str, rewritten: bool) -> Envelope:
         if rewritten:
             try:
-                envelope = Envelope.from_bytes(self.envelope_path(queue_id).read_bytes())
+                with open(f"{self._directory}/{queue_id}.env", "rb") as env:
+                    envelope = Envelope.from_bytes(env.read())
             except FileNotFoundError:
                 pass  # removed or superseded between the listing and now
             else:
                 if not self.message_path(queue_id).exists():
                     raise FileNotFoundError(errno.ENOENT, "no such entry", queue_id)
                 return envelope
-        with open(self.message_path(queue_id), "rb") as queue_file:
-            return Envelope.from_bytes(read_trailer(queue_file))
+        fd = os.open(f"{self._directory}/{queue_id}.msg", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return Envelope.from_bytes(read_trailer(fd))
+        finally:
+            os.close(fd)
 
     def open_message(self, envelope: Envelope) -> MessageFile:
         """The message of ``envelope``'s entry, for reading (blocking)."""
@@ -328,25 +351,27 @@ def trailer_footer(envelope_length: int) -> bytes:
     return FOOTER_FORMAT.format(envelope_length).encode("ascii")
 
 
-def read_trailer(queue_file: BinaryIO) -> bytes:
+def read_trailer(fd: int) -> bytes:
     """The committed envelope's JSON from the end of an open queue file.
 
-    ValueError if the file does not end in a well-formed trailer (a file of an
-    older spool layout, or damage): the caller quarantines it."""
-    end = queue_file.seek(0, os.SEEK_END)
+    One read of the file's last ``TRAILER_READ`` bytes finds most envelopes
+    whole (start-up reads every entry). ValueError if the file does not end in
+    a well-formed trailer (damage, or a bare message): the caller quarantines it."""
+    end = os.fstat(fd).st_size
     if end < FOOTER_SIZE:
         raise ValueError("queue file too short for an envelope trailer")
-    queue_file.seek(end - FOOTER_SIZE)
-    footer = queue_file.read(FOOTER_SIZE).decode("ascii", "replace")
+    tail = os.pread(fd, min(end, TRAILER_READ), end - min(end, TRAILER_READ))
+    footer = tail[-FOOTER_SIZE:].decode("ascii", "replace")
     prefix, _, digits = footer.strip("\n").rpartition(" ")
-    if prefix != "relaygw-envelope" or not digits.isdigit() or footer != trailer_footer(
-            int(digits)).decode("ascii"):
+    if (prefix != "relaygw-envelope" or not digits.isdigit()
+            or tail[-FOOTER_SIZE:] != trailer_footer(int(digits))):
         raise ValueError("no envelope trailer at the end of the queue file")
     length = int(digits)
     if length > end - FOOTER_SIZE:
         raise ValueError("envelope trailer longer than the queue file")
-    queue_file.seek(end - FOOTER_SIZE - length)
-    return queue_file.read(length)
+    if length + FOOTER_SIZE <= len(tail):
+        return tail[len(tail) - FOOTER_SIZE - length:len(tail) - FOOTER_SIZE]
+    return os.pread(fd, length, end - FOOTER_SIZE - length)
 
 
 class MessageFile:
