@@ -20,7 +20,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 
 from core_fakes import queue_message, recipient, sync_run
 from relaygw.config import Config, QueueConfig, parse_config
-from relaygw.delivery.smtp import ConnectionCache, IdleSession, SMTPRelayDeliverer
+from relaygw.delivery.smtp import IDLE_TIMEOUT, ConnectionCache, IdleSession, SMTPRelayDeliverer
 from relaygw.delivery.smtpclient import SMTPClientProtocol, Timeouts
 from relaygw.dns import Hop, NextHopResolver, NXDomain, lookup_failed
 from relaygw.envelope import Envelope
@@ -374,9 +374,33 @@ def test_with_the_scheduler_messages_ready_together_share_a_connection(
     assert scheduler.messages == {}
     [server] = world.servers
     assert verbs(server) == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA",
-                             "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+                             "RSET", "MAIL", "RCPT", "DATA"]
     assert len(server.messages) == 3
-    assert len(world.deliverer.cache) == 0  # the last one had nothing behind it
+    # nothing behind the last one, but steady traffic: parked for the idle time
+    assert len(world.deliverer.cache) == 1
+    world.advance(IDLE_TIMEOUT)
+    assert verbs(server)[-1] == "QUIT"
+    assert len(world.deliverer.cache) == 0
+
+
+def test_on_demand_steady_traffic_keeps_the_session_a_pause_ends_it(tmp_path: Path) -> None:
+    world = World(reuse="demand")
+    world.deliverer.use_backlog(lambda destination: 0)  # never a backlog
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    assert world.servers[0].commands[-1] == "QUIT"  # a lone message
+    world.advance(0.5)
+    world.delivered(envelope("b@example.test"), path)  # the one before started 0.5 s ago
+    assert len(world.servers) == 2 and "QUIT" not in world.servers[1].commands
+    world.advance(0.5)
+    world.delivered(envelope("c@example.test"), path)  # reuses it
+    assert len(world.servers) == 2
+    assert verbs(world.servers[1])[-4:] == ["RSET", "MAIL", "RCPT", "DATA"]
+    world.advance(IDLE_TIMEOUT)  # quiet: the parked session is QUIT
+    assert verbs(world.servers[1])[-1] == "QUIT"
+    world.advance(10)
+    world.delivered(envelope("d@example.test"), path)  # after a pause: a lone message again
+    assert world.servers[2].commands[-1] == "QUIT"
 
 
 # --- what the relay transport tells the scheduler ------------------------------------

@@ -22,8 +22,13 @@ cached session that is gone or fails its RSET is dropped and a fresh one
 opened, at no cost to the attempt. With ``reuse="demand"`` (the default,
 Postfix's on-demand connection cache) a session is parked only when the
 scheduler says more mail for its destination is ready (``IBacklogAware``),
-so a lone message still ends with QUIT at once; ``"always"`` parks every
-clean session, ``"never"`` none. ``close()`` QUITs the idle ones at shutdown.
+or when the destination has steady traffic: the delivery before this one
+started less than ``idle_timeout`` ago, so the next one is likely to come
+while the session waits (mail arriving one message at a time from several
+clients never builds a backlog, and would otherwise pay a connection, a
+greeting and EHLO per message). A lone message still ends with QUIT at
+once; ``"always"`` parks every clean session, ``"never"`` none. ``close()``
+QUITs the idle ones at shutdown.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ DEFAULT_TIMEOUTS = Timeouts()
 Connector = Callable[[Hop], Deferred[SMTPClientProtocol]]
 
 IDLE_TIMEOUT = 2.0       # seconds a clean session waits for the next message to its hop
-MAX_IDLE_PER_HOP = 2     # parked sessions per cache key
+MAX_IDLE_PER_HOP = 10    # parked sessions per cache key (the default per_destination)
 MAX_TRANSACTIONS = 100   # then QUIT: bounds what one long-lived session can go wrong with
 
 Reuse = Literal["demand", "always", "never"]
@@ -240,6 +245,8 @@ class SMTPRelayDeliverer:
         self.reuse = reuse
         self.cache = ConnectionCache(reactor, idle_timeout, max_idle_per_hop, timeouts.quit)
         self._backlog: Callable[[str], int] = lambda destination: 0
+        # destination -> start times of its last two deliveries (steady traffic)
+        self._starts: dict[str, tuple[float, float]] = {}
 
     def reconfigure(self, config: Config, resolver: NextHopResolver | None = None) -> None:
         """A reloaded config (SIGHUP): routes and relay settings for the next delivery.
@@ -270,7 +277,21 @@ class SMTPRelayDeliverer:
         """Whether a clean session to ``destination`` is worth parking now."""
         if self.reuse == "always":
             return True
-        return self.reuse == "demand" and self._backlog(destination) > 0
+        if self.reuse != "demand":
+            return False
+        if self._backlog(destination) > 0:
+            return True
+        before, _ = self._starts.get(destination, (float("-inf"), 0.0))
+        return self._reactor.seconds() - before < self.cache.idle_timeout
+
+    def _started(self, destination: str) -> None:
+        """Note a delivery's start, for the steady-traffic rule of ``keep_session``."""
+        now = self._reactor.seconds()
+        _, last = self._starts.pop(destination, (0.0, float("-inf")))
+        if len(self._starts) >= 1000:  # forget the quiet ones, now and then
+            horizon = now - self.cache.idle_timeout
+            self._starts = {d: t for d, t in self._starts.items() if t[1] > horizon}
+        self._starts[destination] = (last, now)
 
     # --- IDeliverer ----------------------------------------------------------------
 
@@ -324,6 +345,7 @@ class SMTPRelayDeliverer:
                       else DeliveryResult.deferred(e.reply, destination_failed=True))
             return _all(recipients, result)
         destination = self.destination(recipients[0])
+        self._started(destination)
         keys = {hop: self.cache_key(hop, route, policy) for hop in hops}
         # A hop with a session waiting goes first (Postfix looks its cache up by
         # destination too); the order is otherwise the resolver's.

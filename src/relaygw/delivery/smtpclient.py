@@ -23,6 +23,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaygw.fastwrite import write_now
+
 CHUNK_SIZE = 64 * 1024
 
 
@@ -245,7 +247,7 @@ class SMTPClientProtocol(Protocol):
 
     def send(self, *lines: bytes) -> None:
         """Write command lines in one write (several at once is RFC 2920 pipelining)."""
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
 
     def expect(self, timeout: float, what: str = "command") -> Deferred[Reply]:
         """The next reply not yet handed out; times out (and aborts) after ``timeout``."""

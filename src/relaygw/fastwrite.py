@@ -1,0 +1,38 @@
+"""Send small writes at once instead of on the reactor's next turn.
+
+Twisted's TCP transport only buffers in ``write()``: it registers the socket
+for writability (an ``epoll_ctl``), sends on the next turn of the reactor, and
+unregisters (another ``epoll_ctl``). For an SMTP reply or command, which fits
+the socket buffer, that is two system calls and a loop turn of latency per
+line, on every line of every session. ``write_now`` tries ``send()`` first
+when nothing is queued ahead of the data and hands Twisted only what did not
+go, so ordering and flow control stay Twisted's.
+
+Only a plain TCP connection (``twisted.internet.tcp.Connection``, TLS not
+started) takes the shortcut; anything else (TLS, a wrapper, a test
+transport) gets a plain ``write()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sending at once when the transport allows it."""
+    if (type(transport) is not tcp.Server and type(transport) is not tcp.Client) or (
+            transport.TLS or not transport.connected or transport._writeDisconnected
+            or transport.dataBuffer or transport._tempDataBuffer):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        transport.write(data)  # Twisted's own write path reports the error in order
+        return
+    if sent < len(data):
+        transport.write(data[sent:])

@@ -1,0 +1,64 @@
+"""write_now on a real loopback TCP connection: sent at once, in order, and a plain
+write() wherever the shortcut does not apply."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from relaygw.fastwrite import write_now
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived: Deferred[None] = Deferred()
+        self.expect = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.expect and not self.arrived.called:
+            self.arrived.callback(None)
+
+
+class WriteNowTests(TestCase):
+    async def connected_pair(self) -> tuple[Protocol, Collect]:
+        server = Collect()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: server))
+        self.addCleanup(port.stopListening)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.loseConnection)
+        return client, server
+
+    async def test_a_small_write_leaves_nothing_buffered(self) -> None:
+        client, server = await self.connected_pair()
+        server.expect = len(b"250 ok\r\n")
+        write_now(client.transport, b"250 ok\r\n")
+        # sent by send(): nothing waits in Twisted's buffers, no writability watch
+        self.assertEqual(client.transport.dataBuffer, b"")
+        self.assertEqual(client.transport._tempDataBuffer, [])
+        self.assertNotIn(client.transport, reactor.getWriters())
+        await server.arrived
+        self.assertEqual(server.data, b"250 ok\r\n")
+
+    async def test_order_is_kept_behind_buffered_data(self) -> None:
+        client, server = await self.connected_pair()
+        big = b"x" * (8 * 1024 * 1024)  # more than the socket takes at once
+        server.expect = len(big) + len(b"after\r\n")
+        client.transport.write(big)
+        write_now(client.transport, b"after\r\n")  # queued behind, not sent ahead
+        self.assertIn(client.transport, reactor.getWriters())
+        await server.arrived
+        self.assertEqual(len(server.data), len(big) + 7)
+        self.assertTrue(server.data.endswith(b"x" * 100 + b"after\r\n"))
+
+    def test_other_transports_get_a_plain_write(self) -> None:
+        transport = StringTransport()
+        write_now(transport, b"220 hello\r\n")
+        self.assertEqual(transport.value(), b"220 hello\r\n")
