@@ -116,6 +116,7 @@ def test_parse_path_refuses(path: str) -> None:
     ("<> SIZE=5", "<>", "SIZE=5"),
     ('<"a>b"@c.test> X=1', '<"a>b"@c.test>', "X=1"),           # '>' inside quotes
     ('<"a\\">"@c.test>', '<"a\\">"@c.test>', ""),               # an escaped quote
+    ("<a@b.test> X=>", "<a@b.test>", "X=>"),                  # the first '>' closes
 ], ids=repr)
 def test_split_path_and_params(argument: str, path: str, params: str) -> None:
     assert split_path_and_params(argument) == (path, params)
@@ -127,6 +128,7 @@ def test_split_path_and_params(argument: str, path: str, params: str) -> None:
     "<a@b.test>junk",
     "<a@b.test>SIZE=1",
     '<"a>b@c.test',
+    "<a@b.test>>",
     "",
 ], ids=repr)
 def test_split_path_and_params_refuses(argument: str) -> None:

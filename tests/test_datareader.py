@@ -155,12 +155,15 @@ def test_unstuffing(sent: bytes, stored: bytes) -> None:
     (b"Subject: Received: not at the start\r\n\r\n", 0),
     (b"Received: a\r\n  Received: folded, not a header\r\n\r\n", 1),
     (b"Received: only headers, no body\r\n", 1),
+    (b"Subject: x\r\nreceived: a\r\nX-Received: b\r\nReceived:c\r\n\r\n", 2),
 ], ids=["two", "any case", "body", "no headers", "other names", "inside a value",
-        "continuation", "no blank line"])
+        "continuation", "no blank line", "not first"])
 def test_received_headers_are_counted_in_the_header_section_only(message: bytes,
                                                                 count: int) -> None:
     data = message + b".\r\n"
-    for pieces in ([data], [bytes([b]) for b in data], [data[:7], data[7:]]):
+    first_line = data.index(b"\n") + 1  # the next block starts with a header
+    for pieces in ([data], [bytes([b]) for b in data], [data[:7], data[7:]],
+                   [data[:first_line], data[first_line:]]):
         reader, stored, _ = run(pieces)
         assert reader.received_headers == count
         assert stored == message

@@ -13,6 +13,7 @@ from relaygw.routing import (
     NO_ROUTE,
     REJECTED,
     RELAY_DENIED,
+    TRUST_CACHE,
     UNKNOWN_MAILBOX,
     Refusal,
     Router,
@@ -266,6 +267,15 @@ NETWORKS = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "192.0.2
 def test_is_trusted_address(host: str, trusted: bool) -> None:
     assert is_trusted_address(host, NETWORKS) is trusted
     assert ROUTER.is_trusted(host) is trusted
+    assert ROUTER.is_trusted(host) is trusted  # the remembered answer
+
+
+def test_remembered_trust_stays_right_past_the_cache_size() -> None:
+    router = Router(parse_config(CONFIG))
+    hosts = [str(ipaddress.ip_address("192.0.1.0") + i) for i in range(TRUST_CACHE + 600)]
+    for _ in range(2):
+        for host in hosts:
+            assert router.is_trusted(host) is host.startswith("192.0.2."), host
 
 
 @pytest.mark.parametrize("local", ["a\tb", "a\x7fb", "a\nb", "..", ".", "", "a/b", "a\\b"],

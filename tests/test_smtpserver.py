@@ -11,8 +11,11 @@ replies carrying an RFC 3463 code.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from twisted.internet.address import IPv4Address
 
 from relaygw import replies
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
-from relaygw.smtpserver import MAX_ERRORS
+from relaygw.smtpserver import MAX_ERRORS, rfc5322_date
 from support import (
     HOSTNAME,
     QUEUED,
@@ -399,6 +402,37 @@ def test_received_header_after_helo_and_several_recipients(gateway: FakeGateway)
     header = gateway.message(queue_id).split(b";")[0]
     assert header == (b"Received: from old.client.test ([192.0.2.7])\r\n"
                       + f"\tby {HOSTNAME} (relaygw) with SMTP id {queue_id}".encode())
+
+
+@pytest.fixture
+def local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Lets a test set TZ; the process's own zone comes back afterwards."""
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("zone", [
+    "UTC", "Europe/Amsterdam", "America/St_Johns", "Asia/Kolkata", "Pacific/Chatham",
+    "America/Los_Angeles", "Australia/Lord_Howe",
+])
+def test_received_date_is_what_format_datetime_gives(
+        zone: str, local_zone: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    # Both sides of the DST changes of 2026 in each zone, and years far apart.
+    moments = [0, 951_782_400, 1_700_000_000.25, 4_102_444_799]
+    moments += [1_767_225_600 + hour * 3600 + 1799.5 for hour in range(0, 365 * 24, 7)]
+    for seconds in moments:
+        expected = format_datetime(datetime.fromtimestamp(seconds, UTC).astimezone())
+        assert rfc5322_date(seconds) == expected, seconds
+
+
+def test_received_header_date_is_the_clock_time(gateway: FakeGateway) -> None:
+    gateway.clock.advance(1_700_000_000)
+    lines = greet(gateway).send(transaction(b"x\r\n"))
+    third_line = gateway.message(queued_id(lines[-1])).split(b"\r\n")[2]
+    assert third_line == f"\tfor <alice@example.test>; {rfc5322_date(1_700_000_000)}".encode()
 
 
 def test_null_sender(gateway: FakeGateway) -> None:

@@ -77,7 +77,22 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
     argument = argument.lstrip(" ")
     if not argument.startswith("<"):
         raise AddressError("the address must be in angle brackets")
-    # A quoted local part may contain '>': find the closing bracket outside quotes.
+    index = _closing_bracket(argument)
+    if index < 0:
+        raise AddressError("missing closing angle bracket")
+    path, params = argument[: index + 1], argument[index + 1:]
+    if params and not params.startswith(" "):
+        raise AddressError("junk after the address")
+    return path, params.strip(" ")
+
+
+def _closing_bracket(argument: str) -> int:
+    """Index of the ``>`` that closes the path, or -1.
+
+    A quoted local part may contain '>': the closing bracket is the first one
+    outside quotes (without a quote, simply the first one)."""
+    if '"' not in argument:
+        return argument.find(">")
     in_quote = escaped = False
     for index, char in enumerate(argument):
         if escaped:
@@ -87,11 +102,8 @@ def split_path_and_params(argument: str) -> tuple[str, str]:
         elif char == '"':
             in_quote = not in_quote
         elif char == ">" and not in_quote:
-            path, params = argument[: index + 1], argument[index + 1:]
-            if params and not params.startswith(" "):
-                raise AddressError("junk after the address")
-            return path, params.strip(" ")
-    raise AddressError("missing closing angle bracket")
+            return index
+    return -1
 
 
 def parse_path(path: str, *, allow_null: bool) -> Mailbox | None:

@@ -23,7 +23,11 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
-_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
+# A Received: header at the start of a block, then after a line end. Not one
+# "(?im)^received" search: a pattern that starts with a literal LF is searched
+# for with memchr, many times faster than trying "^" at every byte.
+_RECEIVED_FIRST = re.compile(rb"(?i)received[ \t]*:")
+_RECEIVED_NEXT = re.compile(rb"(?i)\nreceived[ \t]*:")
 _END = b"\r\n.\r\n"
 
 
@@ -126,4 +130,6 @@ class DataReader:
         headers = block if end < 0 else block[: end + 1]
         if end >= 0:
             self._in_headers = False
-        self.received_headers += len(_RECEIVED.findall(headers))
+        self.received_headers += len(_RECEIVED_NEXT.findall(headers))
+        if _RECEIVED_FIRST.match(headers):
+            self.received_headers += 1

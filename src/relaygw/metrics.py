@@ -46,8 +46,10 @@ class GatewayMetrics:
         self.deliveries = Counter(
             "relaygw_deliveries", "Delivery outcomes per recipient (expired counts as bounced).",
             ["result"], registry=self.registry)
-        for result in RESULTS:
-            self.deliveries.labels(result=result)
+        # The labelled children, looked up once: ``.labels()`` takes a lock and
+        # checks its arguments at every call, and the counters move per message.
+        self._deliveries = {result: self.deliveries.labels(result=result)
+                            for result in RESULTS}
         self.expired = Counter(
             "relaygw_deliveries_expired",
             "Recipients bounced because they stayed queued too long (also in bounced).",
@@ -55,8 +57,8 @@ class GatewayMetrics:
         self.rejections = Counter(
             "relaygw_smtp_rejections", "SMTP commands and connections refused, by reason.",
             ["reason"], registry=self.registry)
-        for reason in REJECTION_REASONS:
-            self.rejections.labels(reason=reason)
+        self._rejections = {reason: self.rejections.labels(reason=reason)
+                            for reason in REJECTION_REASONS}
         self.queue_messages = Gauge(
             "relaygw_queue_messages", "Messages in the queue (held by the scheduler).",
             registry=self.registry)
@@ -79,14 +81,20 @@ class GatewayMetrics:
         self.messages_received.inc()
 
     def reject(self, reason: str) -> None:
-        self.rejections.labels(reason=reason).inc()
+        child = self._rejections.get(reason)
+        if child is None:
+            child = self._rejections[reason] = self.rejections.labels(reason=reason)
+        child.inc()
 
     def outcome(self, event: Event) -> None:
         kind = event.kind
         if kind == "expired":
             self.expired.inc()
             kind = "bounced"
-        self.deliveries.labels(result=kind).inc()
+        child = self._deliveries.get(kind)
+        if child is None:
+            child = self._deliveries[kind] = self.deliveries.labels(result=kind)
+        child.inc()
 
     # --- exposition ----------------------------------------------------------------------
 

@@ -71,11 +71,18 @@ def maildir_for(route: RouteConfig, mailbox: Mailbox) -> str | None:
     return route.maildir.replace("{domain}", mailbox.domain).replace("{local}", local)
 
 
+TRUST_CACHE = 4096  # client addresses whose trust is remembered (then forgotten at once)
+
+
 class Router:
-    """Answers "where does this recipient go?" for one loaded Config."""
+    """Answers "where does this recipient go?" for one loaded Config.
+
+    A reload makes a new Router, so what one remembers of its Config (the trust
+    of client addresses) never outlives that Config."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._trusted: dict[str, bool] = {}
 
     def find_route(self, domain: str) -> RouteConfig | None:
         domain = domain.lower().rstrip(".")
@@ -85,7 +92,15 @@ class Router:
         return None
 
     def is_trusted(self, host: str) -> bool:
-        return is_trusted_address(host, self.config.relay.trusted_networks)
+        """Whether ``host`` is in ``trusted_networks``; asked at every RCPT, and
+        parsing the address costs more than the rest of the routing."""
+        trusted = self._trusted.get(host)
+        if trusted is None:
+            if len(self._trusted) >= TRUST_CACHE:
+                self._trusted.clear()
+            trusted = is_trusted_address(host, self.config.relay.trusted_networks)
+            self._trusted[host] = trusted
+        return trusted
 
     def route_recipient(self, mailbox: Mailbox, trusted: bool) -> Refusal | list[Recipient]:
         """Refuse, or return the recipients this address becomes (aliases expanded)."""
