@@ -19,8 +19,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/accept.py
-	$(VENV)/bin/python bench/relay.py
+	$(VENV)/bin/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

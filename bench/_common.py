@@ -1,4 +1,4 @@
-"""What the benchmarks in bench/ share: servers under test, load, tables.
+"""What the scenarios of bench/run.py share: servers under test, load, tables.
 
 ``Relaygw`` runs ``twistd -n relaygw`` with a generated config; ``Postfix``
 is a private Postfix instance (``postfix -c DIR``: its own main.cf/master.cf,
@@ -7,16 +7,17 @@ queue and data directories in a temporary directory; the system's
 domain to one next hop that the benchmark chooses. ``run_load`` drives a
 server with Postfix's ``smtp-source``; ``table`` prints medians (min-max).
 
-Imported by the scripts next to it (``python bench/accept.py`` puts bench/ on
+Imported by the modules next to it (``python bench/run.py`` puts bench/ on
 ``sys.path``); not part of the relaygw package.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -24,7 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,11 +39,30 @@ BODY_BYTES = 4096
 RELAYGW_ADDRESS = "127.0.0.71"
 POSTFIX_ADDRESS = "127.0.0.72"
 WARMUP_MESSAGES = 20
+# A next hop that refuses connections: accepted mail stays queued.
+DEAD_NEXT_HOP = ("127.0.0.1", 1)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+METRIC_LINE = re.compile(r"^([a-zA-Z_:][^\s]*)\s+(\S+)$")  # Prometheus text: name{labels} value
 
 
 class BenchError(Exception):
     """A setup or measurement step failed; the message says which."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What bench/run.py was asked for, as the scenarios use it."""
+
+    top: Path  # this run's temporary directory (spools, configs, logs)
+    smtp_source: str
+    postfix: bool  # measure a private Postfix beside relaygw
+    runs: int
+    count: int  # 4 KiB messages per run (a, b)
+    large_count: int  # 1 MiB messages per run (c)
+    idle_sessions: int  # relaygw's idle sessions (d)
+    postfix_idle_sessions: int  # Postfix's idle sessions (d): one process each
+    spool_messages: int  # queued messages (e)
+    idle_window: float  # seconds of the idle CPU measurement (e)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -139,6 +160,40 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size of ``pid`` (shared pages split among their users), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_kib(pids: Sequence[int]) -> tuple[int, int]:
+    """Sum of RSS and of PSS (KiB) over ``pids``; a process gone meanwhile counts 0."""
+    return (sum(proc_status_kib(pid, "VmRSS") or 0 for pid in pids),
+            sum(pss_kib(pid) or 0 for pid in pids))
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise this process's RLIMIT_NOFILE (children inherit it) towards ``wanted``.
+
+    The soft limit goes up to the hard one; as root the hard one too. Returns
+    the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard < wanted and os.geteuid() == 0:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return min(wanted, hard)
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -239,19 +294,25 @@ class Relaygw(Server):
     """relaygw under ``twistd -n``, relaying the bench domain to ``next_hop``.
 
     ``route_note`` follows the next hop in ``describe()``; ``queue`` is extra
-    lines for the ``[queue]`` table (retry_schedule, ...): none means its defaults.
+    lines for the ``[queue]`` table (retry_schedule, ...): none means its defaults;
+    ``limits`` are ``[limits]`` keys and TOML values over the bench's own;
+    ``metrics`` adds a ``[metrics] listen`` on a free port of ``address``.
     """
 
     name = "relaygw"
 
     def __init__(self, workdir: Path, next_hop: tuple[str, int], *,
                  address: str = RELAYGW_ADDRESS, queue: Sequence[str] = (),
+                 limits: Mapping[str, str] | None = None, metrics: bool = False,
                  route_note: str = "") -> None:
         self.workdir = workdir
         self.next_hop = next_hop
         self.address = address
         self.port = free_port(address)
         self.queue_lines = list(queue)
+        self.limits = {"max_connections": "1000", "max_connections_per_client": "1000",
+                       **(limits or {})}
+        self.metrics_port = free_port(address) if metrics else None
         self.route_note = route_note
         self.config = workdir / "relaygw.toml"
         self.spool = workdir / "spool"
@@ -269,6 +330,9 @@ class Relaygw(Server):
         """The TOML config: one smtp listener, a relay route to the next hop."""
         host, port = self.next_hop
         queue = "".join(f"{line}\n" for line in self.queue_lines)
+        limits = "".join(f"{key} = {value}\n" for key, value in self.limits.items())
+        metrics = (f'[metrics]\nlisten = "tcp:{self.metrics_port}:interface={self.address}"\n\n'
+                   if self.metrics_port is not None else "")
         self.config.write_text(f"""\
 [server]
 hostname = "relaygw.{BENCH_DOMAIN}"
@@ -278,10 +342,8 @@ endpoint = "tcp:{self.port}:interface={self.address}"
 kind = "smtp"
 
 [limits]
-max_connections = 1000
-max_connections_per_client = 1000
-
-[relay]
+{limits}
+{metrics}[relay]
 trusted_networks = ["127.0.0.0/8"]
 
 [queue]
@@ -296,20 +358,43 @@ tls = "none"
 
     def start(self) -> None:
         """Start twistd and wait for its banner."""
+        self.launch()
+        try:
+            self.banner = wait_for_banner(self.address, self.port, self.alive, 30, "relaygw")
+        except BenchError as e:
+            raise BenchError(f"{e}; twistd log:\n{tail(self.log)}") from None
+
+    def launch(self) -> float:
+        """Write the config and start twistd; the ``time.monotonic()`` just before."""
         if not os.access(self.twistd, os.X_OK):
             raise BenchError(f"no twistd next to {sys.executable}; run with the project venv")
         self.write_config()
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
+            started = time.monotonic()
             self.proc = subprocess.Popen(
                 [self.twistd, "-n", "--pidfile=", "relaygw", "--config", str(self.config)],
                 cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)  # a Ctrl-C reaches us, and we stop it in order
+        return started
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def metrics(self, timeout: float = 5.0) -> dict[str, float] | None:
+        """The samples of ``/metrics`` (name with labels -> value); None if it does not answer."""
+        if self.metrics_port is None:
+            return None
         try:
-            self.banner = wait_for_banner(self.address, self.port,
-                                          lambda: self.proc is not None
-                                          and self.proc.poll() is None, 30, "relaygw")
-        except BenchError as e:
-            raise BenchError(f"{e}; twistd log:\n{tail(self.log)}") from None
+            with urllib.request.urlopen(
+                    f"http://{self.address}:{self.metrics_port}/metrics", timeout=timeout) as r:
+                text = r.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return None
+        samples = {}
+        for line in text.splitlines():
+            if match := METRIC_LINE.match(line):
+                samples[match[1]] = float(match[2])
+        return samples
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period."""
@@ -318,9 +403,9 @@ tls = "none"
             return
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            print("relaygw: no exit 15s after SIGTERM; killing it", file=sys.stderr)
+            print("relaygw: no exit 30s after SIGTERM; killing it", file=sys.stderr)
             proc.kill()
             proc.wait()
         if proc.returncode not in (0, -signal.SIGTERM):
@@ -341,13 +426,12 @@ tls = "none"
         except (subprocess.SubprocessError, ValueError, OSError):
             return None
 
-    def spooled(self) -> int:
-        """Entries in the spool directory right now (its ``.env`` files): cheap, no CLI."""
-        try:
-            return sum(1 for name in os.listdir(self.spool)
-                       if name.endswith(".env") and not name.startswith("tmp-"))
-        except OSError:
-            return 0
+    def queue_size(self) -> int | None:
+        """Messages the daemon holds, per ``relaygw_queue_messages`` (needs ``metrics``)."""
+        scrape = self.metrics()
+        if scrape is None or "relaygw_queue_messages" not in scrape:
+            return None
+        return int(scrape["relaygw_queue_messages"])
 
     def describe(self) -> str:
         host, port = self.next_hop
@@ -668,51 +752,25 @@ def table(results: Results, names: list[str], sessions_list: list[int],
             row += [cell(samples) for _, cell in extra.get(name, [])]
             medians.append(statistics.median(rates) if rates else 0.0)
         if len(names) == 2:
-            row.append(f"{medians[0] / medians[1]:.2f}" if medians[1] else "-")
+            row.append(ratio(medians[0], medians[1]))
         rows.append(row)
+    return format_table(headers, rows)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """``a/b`` to two decimals, or ``-`` when either is missing or b is zero."""
+    if a is None or not b:
+        return "-"
+    return f"{a / b:.2f}" if abs(a / b) >= 0.1 else f"{a / b:.2g}"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns under a dashed rule."""
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def argument_parser(doc: str, sessions_default: str) -> argparse.ArgumentParser:
-    """The options every benchmark has; the script adds its own."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--count", type=int, default=1000, help="messages per run (default 1000)")
-    p.add_argument("--sessions", default=sessions_default,
-                   help=f"comma-separated parallel session counts (default {sessions_default})")
-    p.add_argument("--runs", type=int, default=3, help="runs per session count (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="small counts and one run (a smoke test: a few seconds)")
-    p.add_argument("--no-postfix", action="store_true", help="measure relaygw only")
-    p.add_argument("--no-relaygw", action="store_true", help="measure Postfix only")
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                   help="where the temporary spools go; must be a real disk for fsync "
-                        "to mean anything (default /var/tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    return p
-
-
-def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate the common options; set ``args.sessions_list``; apply ``--quick``."""
-    try:
-        args.sessions_list = [int(s) for s in args.sessions.split(",") if s.strip()]
-    except ValueError:
-        p.error("--sessions: comma-separated integers, e.g. 1,10,50")
-    if args.quick:
-        args.count = min(args.count, 100)
-        args.runs = 1
-    if args.count < 1 or args.runs < 1 or not args.sessions_list \
-            or min(args.sessions_list) < 1:
-        p.error("--count, --runs and every --sessions value must be at least 1")
-    if args.no_relaygw and args.no_postfix:
-        p.error("--no-relaygw and --no-postfix leave nothing to measure")
 
 
 # --------------------------------------------------------------------------- processes
