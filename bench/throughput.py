@@ -344,15 +344,29 @@ def interleave(cfg: Settings, outcome: Outcome, servers: list[Server], measure: 
 # --------------------------------------------------------------------------- the phases
 
 
-def accept_phase(cfg: Settings, small: bool, large: bool) -> list[Outcome]:
-    """Scenario a (4 KiB) and c's accept half (1 MiB), on one pair of servers."""
+# phase: (4 KiB sessions, row label, table title, the 4 KiB half's scenario letter)
+PHASES = {
+    "accept": (ACCEPT_SESSIONS, "accept", "durable accept", "a"),
+    "e2e": (E2E_SESSIONS, "end to end", "end to end to smtp-sink", "b"),
+}
+
+
+def phase_outcomes(cfg: Settings, phase: str, small: bool, large: bool) -> list[Outcome]:
+    """The 4 KiB and the 1 MiB scenario of a phase, as far as they were asked for."""
+    sessions, label, title, letter = PHASES[phase]
     outcomes = []
     if small:
-        outcomes.append(Outcome("accept 4 KiB", "(a) durable accept, 4 KiB bodies",
-                                ACCEPT_SESSIONS, cfg.count, BODY_BYTES))
+        outcomes.append(Outcome(f"{label} 4 KiB", f"({letter}) {title}, 4 KiB bodies",
+                                sessions, cfg.count, BODY_BYTES))
     if large:
-        outcomes.append(Outcome("accept 1 MiB", "(c) durable accept, 1 MiB bodies",
+        outcomes.append(Outcome(f"{label} 1 MiB", f"(c) {title}, 1 MiB bodies",
                                 LARGE_SESSIONS, cfg.large_count, LARGE_BODY_BYTES, rss=True))
+    return outcomes
+
+
+def accept_phase(cfg: Settings, small: bool, large: bool) -> list[Outcome]:
+    """Scenario a (4 KiB) and c's accept half (1 MiB), on one pair of servers."""
+    outcomes = phase_outcomes(cfg, "accept", small, large)
     with contextlib.ExitStack() as stack:
         servers: list[Server] = [stack.enter_context(running(
             accept_relaygw(workdir(cfg, "accept-relaygw"))))]
@@ -382,13 +396,7 @@ def accept_phase(cfg: Settings, small: bool, large: bool) -> list[Outcome]:
 
 def e2e_phase(cfg: Settings, small: bool, large: bool) -> list[Outcome]:
     """Scenario b (4 KiB) and c's end-to-end half (1 MiB), each server with its own sink."""
-    outcomes = []
-    if small:
-        outcomes.append(Outcome("end to end 4 KiB", "(b) end to end to smtp-sink, 4 KiB bodies",
-                                E2E_SESSIONS, cfg.count, BODY_BYTES))
-    if large:
-        outcomes.append(Outcome("end to end 1 MiB", "(c) end to end to smtp-sink, 1 MiB bodies",
-                                LARGE_SESSIONS, cfg.large_count, LARGE_BODY_BYTES, rss=True))
+    outcomes = phase_outcomes(cfg, "e2e", small, large)
     with contextlib.ExitStack() as stack:
         # Sinks first: they stop last, after the servers QUIT their cached sessions.
         makers: list[tuple[str, str, Callable[[Path, Sink], Server]]] = [
