@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relaygw import scheduler as scheduler_module
-from relaygw.envelope import RecipientState
+from relaygw.envelope import Recipient, RecipientState
 from relaygw.interfaces import DeliveryResult
 from relaygw.scheduler import BACKLOG_PER_SLOT, DUE_BATCH
 from test_scheduler import Harness
@@ -117,3 +117,70 @@ def test_mail_waiting_for_a_probe_goes_with_its_verdict(tmp_path: Path) -> None:
         h.advance()
     assert len(h.relay.calls) == 32
     assert h.on_disk() == []
+
+
+def backlog_of_twenty(tmp_path: Path) -> tuple[Harness, list[str]]:
+    """Twenty messages for one destination with one slot: most wait aside, in order."""
+    h = Harness(tmp_path, hold=True, per_destination=1, max_age=3600.0)
+    h.scheduler.start()
+    ids = [h.queue(f"u{i}@busy.test").id for i in range(20)]
+    h.advance()
+    return h, ids
+
+
+def finish_all(h: Harness) -> None:
+    while h.relay.in_flight:
+        h.relay.in_flight[0].finish()
+        h.advance()
+
+
+@pytest.mark.parametrize("operator", ["hold", "delete"])
+def test_mail_held_or_deleted_while_waiting_aside_strands_nothing(
+        tmp_path: Path, operator: str) -> None:
+    h, ids = backlog_of_twenty(tmp_path)
+    waiting = [i for i in ids if i not in {c.queue_id for c in h.relay.calls}]
+    assert h.scheduler.backlog("busy.test") == 19
+    for queue_id in waiting[:-1]:  # all but the last one that waits aside
+        getattr(h.scheduler, operator)(queue_id)
+    h.advance()
+    finish_all(h)
+    attempted = [c.queue_id for c in h.relay.calls]
+    assert waiting[-1] in attempted
+    assert not set(waiting[:-1]) & set(attempted)
+
+
+def test_etrn_while_mail_waits_aside_neither_duplicates_nor_strands(tmp_path: Path) -> None:
+    h, ids = backlog_of_twenty(tmp_path)
+    for _ in range(3):  # a branch link's ETRN, repeated while the backlog lasts
+        h.scheduler.flush(domain="busy.test")
+        h.advance()
+    assert h.scheduler.backlog("busy.test") == 19  # not 19 + 3 x 19
+    late = h.queue("late@busy.test")
+    h.advance()
+    finish_all(h)
+    attempted = [c.queue_id for c in h.relay.calls]
+    assert sorted(attempted) == sorted([*ids, late.id])  # each once
+    assert h.on_disk() == []
+
+
+def test_mail_waiting_aside_goes_before_newcomers(tmp_path: Path) -> None:
+    h, ids = backlog_of_twenty(tmp_path)
+    newcomers = []
+    for step in range(40):  # steady inflow: one in, one out
+        h.relay.in_flight[0].finish()
+        newcomers.append(h.queue(f"new{step}@busy.test").id)
+        h.advance(1.0)
+    order = [c.queue_id for c in h.relay.calls]
+    assert order[:20] == ids  # first come, first served
+    assert order[20:] == newcomers[:len(order) - 20]
+
+
+def test_an_unknown_transport_does_not_stop_the_due_run(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.scheduler.start()
+    bad = h.queue(Recipient("x@y.test", "x@y.test", "bogus"), enqueue=False)
+    good = h.queue("a@dst.test", enqueue=False)
+    h.scheduler.resume([bad, good])  # as start-up does with what it read back
+    h.advance()
+    assert [c.queue_id for c in h.relay.calls] == [good.id]
+    assert bad.id in h.scheduler.messages  # kept for the operator, never lost

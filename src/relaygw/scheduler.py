@@ -28,8 +28,10 @@ Bounded work for a big queue (100,000 messages after a restart, say): an
 attempt in flight costs a coroutine and its Deferreds (kilobytes), a queued
 message only its envelope. So the due run never starts more than
 ``ATTEMPT_WINDOW`` attempts at once, nor more than ``BACKLOG_PER_SLOT`` groups
-per slot of one destination: the rest wait as bare ids (``_blocked``) and are
-let go as the destination's groups are handed over. A message whose every due
+per slot of one destination: the rest wait as bare ids in a first-come line
+per destination (``_blocked``). Each due run first takes from those lines as
+far as their destinations have room, and a newcomer for a destination with a
+line joins its back, so the oldest mail goes first. A message whose every due
 destination is dead is parked on the spot, without an attempt, and a message
 for a destination being probed waits as an id for the verdict. One due run
 handles at most ``DUE_BATCH`` messages, then lets the reactor serve the
@@ -237,7 +239,8 @@ class Scheduler:
         self._per_destination: dict[str, Slots] = {}
         self._destinations: dict[str, _Destination] = {}  # only those that failed as a whole
         self._ready: dict[str, int] = {}  # groups ready for a destination, not yet handed over
-        self._blocked: dict[str, deque[str]] = {}  # ids held back per destination (backlog)
+        self._blocked: dict[str, deque[str]] = {}  # ids waiting aside per destination, FIFO
+        self._aside: set[str] = set()  # every id in _blocked
         self.running = False
         for deliverer in deliverers.values():
             if IBacklogAware.providedBy(deliverer):
@@ -437,39 +440,93 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._heap and len(self._active) < ATTEMPT_WINDOW:
-            # With the window full, the end of an attempt arms the timer again.
+        if len(self._active) >= ATTEMPT_WINDOW:
+            return  # the end of an attempt arms the timer again
+        if self._drainable():
+            delay = 0.0
+        elif self._heap:
             delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-            self._timer = self.clock.callLater(delay, self._run_due)
+        else:
+            return
+        self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
         self._timer = None
         now = self.clock.seconds()
         budget = DUE_BATCH
-        while (self._heap and self._heap[0][0] <= now and budget > 0
-               and len(self._active) < ATTEMPT_WINDOW):
-            _, _, queue_id = heapq.heappop(self._heap)
-            envelope = self.messages.get(queue_id)
-            if envelope is None or envelope.held:
-                continue
-            if queue_id in self._active or queue_id in self._writing:
-                self._again.add(queue_id)  # look again when the attempt (or write) ends
-                continue
-            due = [r for r in envelope.pending
-                   if r.state is not RecipientState.DELIVERING
-                   and (r.next_attempt is None or r.next_attempt <= now)]
-            if not due:
-                continue  # a stale entry (left by flush): the entry for the real time is queued
-            budget -= 1
+        try:
+            # Mail waiting aside goes first, oldest first, where its destination has room.
+            for destination in list(self._blocked):
+                budget = self._drain(destination, now, budget)
+            while (self._heap and self._heap[0][0] <= now and budget > 0
+                   and len(self._active) < ATTEMPT_WINDOW):
+                _, _, queue_id = heapq.heappop(self._heap)
+                if queue_id in self._aside:
+                    continue  # already waiting aside (flush, release): it goes from there
+                envelope, due = self._due_now(queue_id, now)
+                if envelope is None:
+                    continue
+                budget -= 1
+                self._consider(envelope, due, now)
+        finally:
+            self._arm()
+
+    def _due_now(self, queue_id: str, now: float) -> tuple[Envelope | None, list[Recipient]]:
+        """The message and its recipients due now; (None, []) if nothing is to be done."""
+        envelope = self.messages.get(queue_id)
+        if envelope is None or envelope.held:
+            return None, []
+        if queue_id in self._active or queue_id in self._writing:
+            self._again.add(queue_id)  # look again when the attempt (or write) ends
+            return None, []
+        due = [r for r in envelope.pending
+               if r.state is not RecipientState.DELIVERING
+               and (r.next_attempt is None or r.next_attempt <= now)]
+        if not due:
+            return None, []  # a stale entry (left by flush): the one for the real time waits
+        return envelope, due
+
+    def _consider(self, envelope: Envelope, due: list[Recipient], now: float,
+                  draining: str | None = None) -> None:
+        """Park, set aside or start an attempt for a message with ``due`` recipients.
+
+        A destination with mail waiting aside takes newcomers at the back of its
+        line (first come, first served); ``draining`` is the one whose line this
+        message just left."""
+        try:
             destinations = {self._destination_of(r) for r in due}
-            if self._park_if_all_dead(envelope, due, destinations, now):
-                continue
-            crowded = next((d for d in destinations if self._crowded(d)), None)
-            if crowded is not None:
-                self._blocked.setdefault(crowded, deque()).append(queue_id)
-                continue
+        except KeyError:  # an unknown transport: the attempt logs it and leaves it queued
             self._start_attempt(envelope)
-        self._arm()
+            return
+        if self._park_if_all_dead(envelope, due, destinations, now):
+            return
+        crowded = next((d for d in sorted(destinations)
+                        if self._crowded(d) or (d in self._blocked and d != draining)), None)
+        if crowded is not None:
+            self._blocked.setdefault(crowded, deque()).append(envelope.id)
+            self._aside.add(envelope.id)
+            return
+        self._start_attempt(envelope)
+
+    def _drain(self, destination: str, now: float, budget: int) -> int:
+        """Take ids waiting aside for ``destination`` while it has room; the budget left."""
+        line = self._blocked[destination]
+        while (line and budget > 0 and len(self._active) < ATTEMPT_WINDOW
+               and not self._crowded(destination)):
+            queue_id = line.popleft()
+            self._aside.discard(queue_id)
+            envelope, due = self._due_now(queue_id, now)
+            if envelope is None:
+                continue  # deleted, held or in flight meanwhile: its own path brings it back
+            budget -= 1
+            self._consider(envelope, due, now, draining=destination)
+        if not line:
+            del self._blocked[destination]
+        return budget
+
+    def _drainable(self) -> bool:
+        """Whether some destination with mail waiting aside has room for it now."""
+        return any(not self._crowded(d) for d in self._blocked)
 
     def _crowded(self, destination: str) -> bool:
         """Whether a destination has enough groups started (or a probe to wait for)
@@ -481,20 +538,6 @@ class Scheduler:
 
     def _backlog_limit(self) -> int:
         return BACKLOG_PER_SLOT * self.config.per_destination
-
-    def _unblock(self, destination: str, count: int | None = None) -> None:
-        """Let ``count`` (default: all) ids held back for a destination be due again."""
-        blocked = self._blocked.get(destination)
-        if not blocked:
-            return
-        if count is None:
-            count = len(blocked)
-        now = self.clock.seconds()
-        for _ in range(min(count, len(blocked))):
-            heapq.heappush(self._heap, (now, next(self._sequence), blocked.popleft()))
-        if not blocked:
-            del self._blocked[destination]
-        self._arm()
 
     def _park_if_all_dead(self, envelope: Envelope, due: list[Recipient],
                           destinations: set[str], now: float) -> bool:
@@ -509,8 +552,6 @@ class Scheduler:
             state = self._destinations[self._destination_of(recipient)]
             self._park(envelope, recipient, _Suspended(state.dead_until, state.last_error))
         self._push(envelope)
-        for destination in destinations:
-            self._unblock(destination)  # what waited aside for it is parked the same way
         return True
 
     def _start_attempt(self, envelope: Envelope) -> None:
@@ -631,7 +672,8 @@ class Scheduler:
                     self._ready[destination] = left
                 else:
                     self._ready.pop(destination, None)
-                self._unblock(destination, max(1, self._backlog_limit() - left))
+                if destination in self._blocked:
+                    self._arm()  # room for mail waiting aside
 
         def start() -> Deferred[list[DeliveryResult]]:
             nonlocal probe
@@ -657,7 +699,8 @@ class Scheduler:
             handed_over()
             if probe is not None:
                 probe.probe_done()
-                self._unblock(destination)  # those that waited aside for the verdict
+                if destination in self._blocked:
+                    self._arm()  # those that waited aside for the verdict
 
     def _in_slots(self, destination: str, start: Callable[[], Deferred[list[DeliveryResult]]]
                   ) -> Deferred[list[DeliveryResult]]:
