@@ -58,6 +58,15 @@ class WriteNowTests(TestCase):
         self.assertEqual(len(server.data), len(big) + 7)
         self.assertTrue(server.data.endswith(b"x" * 100 + b"after\r\n"))
 
+    async def test_nothing_goes_out_after_an_abort(self) -> None:
+        client, server = await self.connected_pair()
+        lost: Deferred[None] = Deferred()
+        server.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]
+        client.transport.abortConnection()
+        write_now(client.transport, b"250 2.0.0 Ok: queued\r\n")  # as Twisted: dropped
+        await lost
+        self.assertEqual(server.data, b"")
+
     def test_other_transports_get_a_plain_write(self) -> None:
         transport = StringTransport()
         write_now(transport, b"220 hello\r\n")

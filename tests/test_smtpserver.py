@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 from relaygw import replies
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
-from relaygw.smtpserver import MAX_ERRORS, rfc5322_date
+from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
 from support import (
     HOSTNAME,
     QUEUED,
@@ -973,3 +974,31 @@ def test_drain_lets_the_transaction_in_flight_finish(tmp_path: Path) -> None:
     lines = session.new_lines()
     assert lines == [replies.queued(queued_id(lines[0])), replies.shutting_down(HOSTNAME)]
     assert session.closed
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that remembers each write."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=TRUSTED_PEER)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_replies_to_a_pipelined_batch_leave_in_one_write(gateway: FakeGateway) -> None:
+    # One write per reply would leave all but the first waiting for the client's
+    # delayed ACK (Nagle): about 40 ms per batch on a real socket.
+    transport = CountingTransport()
+    protocol = SMTPServerProtocol(gateway, "smtp", "test")
+    protocol.makeConnection(transport)
+    assert len(transport.writes) == 1  # the banner
+    protocol.dataReceived(b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\n"
+                          b"RCPT TO:<bob@example.test>\r\nRSET\r\nNOOP\r\n")
+    assert len(transport.writes) == 2
+    batch = transport.writes[1].decode().split("\r\n")
+    assert batch[-5:] == [replies.SENDER_OK, replies.RECIPIENT_OK, replies.OK, replies.OK, ""]
+    protocol.dataReceived(b"QUIT\r\n")  # a reply to a lone command goes at once too
+    assert len(transport.writes) == 3 and transport.disconnecting

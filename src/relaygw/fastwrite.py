@@ -9,8 +9,9 @@ when nothing is queued ahead of the data and hands Twisted only what did not
 go, so ordering and flow control stay Twisted's.
 
 Only a plain TCP connection (``twisted.internet.tcp.Connection``, TLS not
-started) takes the shortcut; anything else (TLS, a wrapper, a test
-transport) gets a plain ``write()``.
+started, not closing or aborted) takes the shortcut; anything else (TLS, a
+wrapper, a test transport, a connection on its way out) gets a plain
+``write()``, which keeps Twisted's rules (nothing goes out after an abort).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def write_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, sending at once when the transport allows it."""
     if (type(transport) is not tcp.Server and type(transport) is not tcp.Client) or (
             transport.TLS or not transport.connected or transport._writeDisconnected
+            or transport.disconnecting or getattr(transport, "_aborting", False)
             or transport.dataBuffer or transport._tempDataBuffer):
         transport.write(data)
         return

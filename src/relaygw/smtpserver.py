@@ -136,6 +136,7 @@ class SMTPServerProtocol(Protocol):
         self._busy = False
         self._paused = False
         self._processing = False
+        self._outgoing: list[bytes] = []  # replies held for one write per batch
         self._reader: DataReader | None = None
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
@@ -148,6 +149,12 @@ class SMTPServerProtocol(Protocol):
         return self.gateway.config
 
     def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:  # replies are small and awaited: no Nagle wait
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         peer = self.transport.getPeer()
         self.client_host = getattr(peer, "host", "unknown")
         limits = self.config.limits
@@ -179,7 +186,20 @@ class SMTPServerProtocol(Protocol):
             self.gateway.maillog.disconnect(self.client_host)
 
     def reply(self, text: str) -> None:
-        write_now(self.transport, text.encode("utf-8", "replace") + b"\r\n")
+        data = text.encode("utf-8", "replace") + b"\r\n"
+        if self._processing:
+            # The replies to one batch of pipelined commands leave in one write
+            # when the batch is done (_process): sent one by one, each after the
+            # first would wait for the client's delayed ACK (Nagle, about 40 ms).
+            self._outgoing.append(data)
+        else:
+            write_now(self.transport, data)
+
+    def _flush_replies(self) -> None:
+        if self._outgoing:
+            data = b"".join(self._outgoing)
+            self._outgoing.clear()
+            write_now(self.transport, data)
 
     def drain(self) -> None:
         """Shutting down: close now if idle, else once the transaction in flight ends."""
@@ -193,6 +213,7 @@ class SMTPServerProtocol(Protocol):
 
     def _close_with(self, text: str) -> None:
         self.reply(text)
+        self._flush_replies()
         self.closing = True
         self.transport.loseConnection()
 
@@ -231,6 +252,7 @@ class SMTPServerProtocol(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
+            self._flush_replies()
 
     def _process_buffer(self) -> None:
         while not self._busy and not self.closing and self._buffer:
@@ -591,6 +613,7 @@ class SMTPServerProtocol(Protocol):
             self._error(replies.TLS_UNAVAILABLE)
             return
         self.reply(replies.READY_FOR_TLS)
+        self._flush_replies()  # in clear, before the handshake starts
         # Whatever the client sent after STARTTLS came in clear text, before the
         # handshake, possibly from a man in the middle: it is never executed.
         self._buffer.clear()
