@@ -127,7 +127,7 @@ def test_delete_during_an_attempt_waits_for_it_and_ignores_its_outcome(tmp_path:
     c.clock.advance(0)
     [call] = c.relay.in_flight
     assert c.call(Delete, queue_id=envelope.id) == {"in_flight": True}
-    assert c.on_disk() == [f"{envelope.id}.msg"]  # never under a delivery
+    assert c.on_disk() == [f"{envelope.id}.q"]  # never under a delivery
     call.finish()
     assert c.on_disk() == []
     assert c.events == []  # the outcome is not recorded

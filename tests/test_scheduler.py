@@ -343,10 +343,10 @@ def test_stop_waits_for_attempts_in_flight(tmp_path: Path) -> None:
     call.finish()
     assert len(fired) == 1
     assert envelope.id not in h.scheduler.messages
-    assert envelope.id + ".msg" not in h.on_disk()
+    assert envelope.id + ".q" not in h.on_disk()
     h.advance(1000)
     assert len(h.relay.calls) == 1
-    assert h.on_disk() == [f"{later.id}.msg"]  # the later message stays queued for the next start
+    assert h.on_disk() == [f"{later.id}.q"]  # the later message stays queued for the next start
 
 
 def test_stop_starts_no_delivery_still_waiting_for_a_slot(tmp_path: Path) -> None:
@@ -497,7 +497,7 @@ def test_held_message_is_not_attempted(h: Harness) -> None:
     envelope = h.queue("a@x.test", held=True)
     h.advance(100_000)
     assert h.relay.calls == []
-    assert h.on_disk() == [f"{envelope.id}.msg"]
+    assert h.on_disk() == [f"{envelope.id}.q"]
 
 
 def test_events_carry_the_reply_and_delay(h: Harness) -> None:

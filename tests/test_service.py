@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import errno
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from core_fakes import queue_message
 from relaygw import service as service_module
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
+from relaygw.scheduler import UnknownMessage
 from relaygw.service import Gateway, build_service
 from relaygw.spool import Spool
 
@@ -104,6 +106,10 @@ class ManualRunner:
         d, fn, args = self.waiting.pop(0)
         d.callback(fn(*args))  # type: ignore[operator]
 
+    def fail_next(self, error: Exception) -> None:
+        d, _, _ = self.waiting.pop(0)
+        d.errback(error)
+
 
 def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,7 +125,7 @@ def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
     try:
         # the stale temp file went before anything could be received; nothing read yet
         assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == sorted(
-            f"{e.id}.msg" for e in queued)
+            f"{e.id}.q" for e in queued)
         assert gateway.scheduler.messages == {} and not gateway.resumed.called
         sizes = []
         while runner.waiting:
@@ -128,5 +134,34 @@ def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
         assert sizes == [3, 6, 7]
         assert gateway.resumed.called
         assert sorted(gateway.scheduler.messages) == sorted(e.id for e in queued)
+    finally:
+        gateway.stopService()
+
+
+def test_while_the_queue_is_read_back_commands_are_told_to_wait_and_io_errors_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "RECOVERY_BATCH", 2)
+    spool = Spool(tmp_path / "spool", sync_run)
+    spool.prepare()
+    queued = [queue_message(spool, [Recipient("x@far.test", "x@far.test", "relay")],
+                            held=True) for _ in range(3)]
+    reactor = MemoryReactorClock()
+    runner = ManualRunner()
+    gateway = Gateway(config_for(tmp_path), reactor, runner, deliverers={})
+    gateway.startService()
+    try:
+        last = queued[-1].id
+        with pytest.raises(UnknownMessage, match="still being read back"):
+            gateway.scheduler.delete(last)
+        with pytest.raises(UnknownMessage, match="no such message"):
+            gateway.scheduler.delete("0" * 19)
+        runner.run_next()  # the first batch of two
+        runner.fail_next(OSError(errno.EMFILE, "Too many open files"))  # the second
+        assert runner.waiting == []  # a pause first, then the same batch again
+        reactor.advance(1.0)
+        runner.run_next()
+        assert sorted(gateway.scheduler.messages) == sorted(e.id for e in queued)
+        assert gateway.resumed.called and gateway.scheduler.loading == set()
+        assert not (tmp_path / "spool" / "corrupt").exists()
     finally:
         gateway.stopService()

@@ -72,7 +72,7 @@ def test_commit_then_recover(tmp_path: Path) -> None:
     envelope, outcome = commit(spool)
     assert outcome is None
     assert envelope.size == len(MESSAGE)
-    assert names(spool.directory) == [f"{envelope.id}.msg"]  # one file: one fsync
+    assert names(spool.directory) == [f"{envelope.id}.q"]  # one file: one fsync
     assert spool.read_message(envelope.id) == MESSAGE
     raw = spool.message_path(envelope.id).read_bytes()
     assert raw.startswith(MESSAGE) and raw.endswith(trailer_footer(len(raw) - len(MESSAGE)
@@ -195,18 +195,18 @@ def test_recover_cleans_up_after_a_crash(tmp_path: Path) -> None:
     seed(directory, f"tmp-{new_queue_id()}", b"half a message")
     seed(directory, f"tmp-{new_queue_id()}.env", b"{")
     seed(directory, f"{half_removed}.env", good.to_bytes())  # its queue file was unlinked
-    seed(directory, f"{no_trailer}.msg", MESSAGE)            # damaged: no envelope anywhere
+    seed(directory, f"{no_trailer}.q", MESSAGE)            # damaged: no envelope anywhere
     seed(directory, f"{garbage}.env", b"not json")
-    seed(directory, f"{garbage}.msg", MESSAGE)
-    seed(directory, f"{bad_version}.msg", MESSAGE + b'{"version": 99}'
+    seed(directory, f"{garbage}.q", MESSAGE)
+    seed(directory, f"{bad_version}.q", MESSAGE + b'{"version": 99}'
          + trailer_footer(len(b'{"version": 99}')))
 
     recovered = list(make_spool(directory).recover())
 
     assert sorted(e.id for e in recovered) == sorted([good.id, second.id])
-    assert names(directory) == sorted([f"{good.id}.msg", f"{second.id}.msg", "corrupt"])
+    assert names(directory) == sorted([f"{good.id}.q", f"{second.id}.q", "corrupt"])
     assert names(directory / "corrupt") == sorted([
-        f"{no_trailer}.msg", f"{garbage}.env", f"{garbage}.msg", f"{bad_version}.msg"])
+        f"{no_trailer}.q", f"{garbage}.env", f"{garbage}.q", f"{bad_version}.q"])
     assert (directory / "corrupt" / f"{garbage}.env").read_bytes() == b"not json"
     assert stat.S_IMODE((directory / "corrupt").stat().st_mode) == 0o700
     # a second start-up finds the same, and nothing more to clean
@@ -224,21 +224,64 @@ def test_a_damaged_trailer_is_quarantined_not_trusted(tmp_path: Path, footer: by
     raw = spool.message_path(envelope.id).read_bytes()
     spool.message_path(envelope.id).write_bytes(raw[:-FOOTER_SIZE] + footer)
     assert list(make_spool(directory).recover()) == []
-    assert names(directory / "corrupt") == [f"{envelope.id}.msg"]
+    assert names(directory / "corrupt") == [f"{envelope.id}.q"]
 
 
-def test_an_entry_of_the_two_file_layout_still_loads(tmp_path: Path) -> None:
-    """Spools written before the trailer: ID.msg is the bare message, ID.env the envelope."""
+def test_entries_of_the_two_file_layout_are_taken_over(tmp_path: Path) -> None:
+    """Spools written before the trailer: ID.msg is the bare message, ID.env the
+    envelope; an ID.msg alone was never committed (as that layout had it)."""
     directory = tmp_path / "spool"
     make_spool(directory)
     envelope = Envelope(id=new_queue_id(), sender="s@src.test",
                         recipients=[recipient("a@dst.test")], received=1.0,
                         size=len(MESSAGE))
+    orphan = new_queue_id()
     seed(directory, f"{envelope.id}.msg", MESSAGE)
     seed(directory, f"{envelope.id}.env", envelope.to_bytes())
+    seed(directory, f"{orphan}.msg", MESSAGE)
     spool = make_spool(directory)
     assert list(spool.recover()) == [envelope]
+    assert names(directory) == [f"{envelope.id}.env", f"{envelope.id}.q"]  # renamed
     assert spool.read_message(envelope.id) == MESSAGE
+    assert list(make_spool(directory).recover()) == [envelope]  # and again, as it is now
+
+
+def test_an_older_relaygw_leaves_queue_files_alone(tmp_path: Path) -> None:
+    """A downgrade: the two-file layout's recovery deleted every ID.msg without an
+    ID.env; queue files are called ID.q so that it does not recognise them."""
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    assert names(spool.directory) == [f"{envelope.id}.q"]  # no ID.msg for it to delete
+    spool.save(envelope)
+    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.q"]
+
+
+def test_an_io_error_while_loading_quarantines_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    entries = spool.scan()
+
+    def no_descriptors(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("relaygw.spool.os.open", no_descriptors)
+    with pytest.raises(OSError):
+        spool.load_entries(entries)
+    monkeypatch.undo()
+    assert names(spool.directory) == [f"{envelope.id}.q"]  # not set aside in corrupt/
+    assert spool.load_entries(entries) == [envelope]
+
+
+@pytest.mark.parametrize("odd", [b"null", b"42", b'"text"', b"[]", b'{"version": 1}',
+                                 b'{"version": 1, "recipients": 3}'])
+def test_an_envelope_of_the_wrong_shape_is_quarantined(tmp_path: Path, odd: bytes) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope, _ = commit(spool)
+    good, _ = commit(spool)
+    seed(spool.directory, f"{envelope.id}.env", odd)
+    assert spool.load_entries(spool.scan()) == [good]  # the rest of the batch still loads
+    assert names(spool.directory / "corrupt") == [f"{envelope.id}.env", f"{envelope.id}.q"]
 
 
 def test_an_envelope_longer_than_one_tail_read_loads(tmp_path: Path) -> None:
@@ -278,7 +321,7 @@ def test_save_rewrites_the_envelope_atomically(tmp_path: Path) -> None:
     assert result_of(spool.save(envelope)) is None
     assert spool.load(envelope.id) == envelope
     assert list(make_spool(spool.directory).recover()) == [envelope]  # the rewrite wins
-    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+    assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.q"]
     assert stat.S_IMODE(spool.envelope_path(envelope.id).stat().st_mode) == 0o600
 
 
@@ -295,10 +338,10 @@ def test_failed_save_keeps_the_previous_envelope(tmp_path: Path, step: int) -> N
     assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
     if step <= 4:  # open, write, fsync, rename: the committed envelope stands
         assert spool.load(envelope.id).to_bytes() == before
-        assert names(spool.directory) == [f"{envelope.id}.msg"]
+        assert names(spool.directory) == [f"{envelope.id}.q"]
     else:  # the directory fsync: the rename happened, the new record stands
         assert spool.load(envelope.id).to_bytes() == envelope.to_bytes()
-        assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.msg"]
+        assert names(spool.directory) == [f"{envelope.id}.env", f"{envelope.id}.q"]
 
 
 def test_delivering_is_never_written(tmp_path: Path) -> None:
@@ -318,7 +361,7 @@ def test_remove(tmp_path: Path) -> None:
     other, _ = commit(spool)
     spool.save(envelope)  # an entry with a rewritten envelope goes whole too
     assert result_of(spool.remove(envelope.id)) is None
-    assert names(spool.directory) == [f"{other.id}.msg"]
+    assert names(spool.directory) == [f"{other.id}.q"]
     assert result_of(spool.remove(envelope.id)) is None  # already gone: fine
     assert [e.id for e in spool.recover()] == [other.id]
 

@@ -121,9 +121,7 @@ class ControlProtocol(amp.AMP):
     @Flush.responder
     def flush(self, queue_id: str | None = None) -> dict[str, Any]:
         if queue_id is not None:
-            envelope = self.scheduler.messages.get(_checked(queue_id))
-            if envelope is None:
-                raise UnknownMessage.about(queue_id)
+            envelope = self.scheduler.envelope_of(_checked(queue_id))
             if envelope.held:
                 raise MessageHeld.about(queue_id)
         return {"count": self.scheduler.flush(queue_id=queue_id)}
@@ -148,9 +146,7 @@ class ControlProtocol(amp.AMP):
 
     @ShowMessage.responder
     def show_message(self, queue_id: str) -> dict[str, Any]:
-        envelope = self.scheduler.messages.get(_checked(queue_id))
-        if envelope is None:
-            raise UnknownMessage.about(queue_id)
+        envelope = self.scheduler.envelope_of(_checked(queue_id))
         return {"json": json.dumps(show_entry(envelope))}
 
 

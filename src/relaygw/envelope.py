@@ -93,6 +93,8 @@ class Envelope:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Envelope:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("an envelope is a JSON object")
         if data.pop("version", None) != ENVELOPE_VERSION:
             raise ValueError("unknown envelope version")
         recipients = [Recipient(**{**r, "state": _STATES[r["state"]]})

@@ -241,6 +241,7 @@ class Scheduler:
         self._ready: dict[str, int] = {}  # groups ready for a destination, not yet handed over
         self._blocked: dict[str, deque[str]] = {}  # ids waiting aside per destination, FIFO
         self._aside: set[str] = set()  # every id in _blocked
+        self.loading: set[str] = set()  # ids on disk not read back yet (start-up)
         self.running = False
         for deliverer in deliverers.values():
             if IBacklogAware.providedBy(deliverer):
@@ -270,6 +271,7 @@ class Scheduler:
     def resume(self, envelopes: Iterable[Envelope]) -> None:
         """Entries read back from the spool after start (in batches): due as they say."""
         for envelope in envelopes:
+            self.loading.discard(envelope.id)
             if envelope.id not in self.messages:
                 self._add(envelope)
         self._arm()
@@ -320,15 +322,19 @@ class Scheduler:
 
     # --- operator commands (relaygwctl queue ..., through the control socket) --------
 
-    def _operand(self, queue_id: str) -> Envelope:
+    def envelope_of(self, queue_id: str) -> Envelope:
+        """The queued message ``queue_id``; UnknownMessage if there is none (yet)."""
         envelope = self.messages.get(queue_id)
         if envelope is None:
+            if queue_id in self.loading:
+                raise UnknownMessage(f"{queue_id} is still being read back from the spool"
+                                     " after the start; try again in a moment")
             raise UnknownMessage.about(queue_id)
         return envelope
 
     def hold(self, queue_id: str) -> Deferred[None]:
         """Start no more attempts for the message (one in flight finishes); saved."""
-        envelope = self._operand(queue_id)
+        envelope = self.envelope_of(queue_id)
         if envelope.held:
             return succeed(None)
         envelope.held = True
@@ -337,7 +343,7 @@ class Scheduler:
 
     def release(self, queue_id: str) -> Deferred[None]:
         """Undo ``hold``: saved, and every pending recipient due now."""
-        envelope = self._operand(queue_id)
+        envelope = self.envelope_of(queue_id)
         if not envelope.held:
             return succeed(None)
         envelope.held = False
@@ -356,7 +362,7 @@ class Scheduler:
         Never under a delivery: with an attempt in flight, its outcome is ignored and
         the files go when it ends. Fires True in that case, False when removed now.
         """
-        self._operand(queue_id)
+        self.envelope_of(queue_id)
         del self.messages[queue_id]
         self._again.discard(queue_id)
         self._dirty.discard(queue_id)

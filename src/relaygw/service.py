@@ -110,18 +110,40 @@ class Gateway(Service):
 
     async def _resume(self, entries: list[tuple[str, bool]]) -> None:
         """Read the queue back in batches in the thread pool while the listeners
-        already serve: a big spool neither delays the banner nor blocks the reactor."""
+        already serve: a big spool neither delays the banner nor blocks the reactor.
+
+        Until an entry is read, operator commands naming it are told to try
+        again (not "no such message"). A batch that fails with an I/O error
+        (EMFILE, EIO...) is tried again, with a growing pause: mail is never
+        set aside for a problem of the machine's."""
         if not entries:
             return
         self.log.info("spool: resuming {count} queued messages", count=len(entries))
+        self.scheduler.loading = {queue_id for queue_id, _ in entries}
         count = 0
-        for start in range(0, len(entries), RECOVERY_BATCH):
-            envelopes = await self.run_blocking(self.spool.load_entries,
-                                                entries[start:start + RECOVERY_BATCH])
-            if not self.running:
-                return
-            self.scheduler.resume(envelopes)
-            count += len(envelopes)
+        start = 0
+        pause = 1.0
+        try:
+            while start < len(entries):
+                batch = entries[start:start + RECOVERY_BATCH]
+                try:
+                    envelopes = await self.run_blocking(self.spool.load_entries, batch)
+                except OSError as e:
+                    self.log.error("spool: cannot read the queue back: {error}; trying again"
+                                   " in {pause:.0f}s", error=e, pause=pause)
+                    await deferLater(self.reactor, pause, lambda: None)
+                    pause = min(2 * pause, 60.0)
+                    if not self.running:
+                        return
+                    continue
+                if not self.running:
+                    return
+                pause = 1.0
+                self.scheduler.resume(envelopes)
+                count += len(envelopes)
+                start += RECOVERY_BATCH
+        finally:
+            self.scheduler.loading.clear()
         self.log.info("spool: {count} queued messages resumed", count=count)
 
     def stopService(self) -> Deferred[None]:

@@ -2,10 +2,10 @@
 
 Layout of ``[queue] directory`` (mode 0700, files 0600)::
 
-    ID.msg        the message as received (CRLF, not dot-stuffed, Received: first),
-                  then the envelope as committed (JSON, relaygw.envelope), then a
-                  fixed-size footer giving the JSON's length; its presence makes
-                  the entry exist
+    ID.q          the queue file: the message as received (CRLF, not dot-stuffed,
+                  Received: first), then the envelope as committed (JSON,
+                  relaygw.envelope), then a fixed-size footer giving the JSON's
+                  length; its presence makes the entry exist
     ID.env        the envelope as rewritten after a delivery attempt, a hold or
                   a release: when present it supersedes the committed one
     tmp-ID[.env]  being written; removed at start-up
@@ -14,12 +14,18 @@ Why the envelope rides in the message file: a commit then costs one file
 fsync (and a directory fsync shared by concurrent commits) instead of two;
 on ext4 a second new file per message halves what the disk commits per
 second. The message is the first ``size`` bytes (the envelope's ``size``),
-so ``tail -c 4096 ID.msg`` shows the committed envelope.
+so ``tail -c 4096 ID.q`` shows the committed envelope.
+
+The suffix is new with this layout: the two-file layout before it used
+``ID.msg`` (the bare message) beside ``ID.env``. Such an entry is renamed to
+``ID.q`` at start-up (its ``ID.env`` stays in force, so no trailer is
+needed); and an older relaygw, run on a spool of this layout, does not
+recognise ``ID.q`` files and so leaves them alone instead of deleting them.
 
 Commit order: message and trailer written to ``tmp-ID`` and fsynced, renamed
-to ``ID.msg``, directory fsynced. Only then does the SMTP server answer 250.
+to ``ID.q``, directory fsynced. Only then does the SMTP server answer 250.
 A crash at any point leaves either a complete entry or a temp file that
-``recover`` removes. Removal unlinks ``ID.msg`` first, so a half-removed
+``recover`` removes. Removal unlinks ``ID.q`` first, so a half-removed
 entry (an ``ID.env`` alone) is ignored and cleaned up.
 
 All blocking work runs through ``run_blocking`` (a thread pool in
@@ -137,32 +143,47 @@ class Spool:
 
     def scan(self) -> list[tuple[str, bool]]:
         """Clean up after a crash and list the entries: (queue id, has ID.env), oldest
-        first. Temp files and lone ID.env files (a removal cut short) are removed.
+        first. Temp files and lone ID.env files (a removal cut short) are removed;
+        entries of the two-file layout are renamed to ID.q.
 
         Run before anything is received: a temp file then belongs to nobody."""
         names = set(os.listdir(self.directory))
         entries = []
+        migrated = False
         for name in names:
+            stem, _, suffix = name.rpartition(".")
             if name.startswith("tmp-"):
                 self._unlink_quietly(self.directory / name)
-            elif name.endswith(".env") and f"{name[:-4]}.msg" not in names:
+            elif suffix == "env" and f"{stem}.q" not in names and f"{stem}.msg" not in names:
                 self._unlink_quietly(self.directory / name)  # removal was under way
-            elif name.endswith(".msg"):
-                queue_id = name[:-4]
-                entries.append((queue_id, f"{queue_id}.env" in names))
+            elif suffix == "msg":  # the two-file layout
+                if f"{stem}.env" not in names:
+                    self._unlink_quietly(self.directory / name)  # never committed
+                    continue
+                os.replace(self.directory / name, self.message_path(stem))
+                migrated = True
+                entries.append((stem, True))
+            elif suffix == "q":
+                entries.append((stem, f"{stem}.env" in names))
+        if migrated:
+            self._fsync_directory()
         entries.sort()
         return entries
 
     def load_entries(self, entries: list[tuple[str, bool]]) -> list[Envelope]:
-        """The envelopes of entries listed by ``scan`` (blocking). An entry that cannot
-        be read is set aside in ``corrupt/``, never deleted; one gone meanwhile is skipped."""
+        """The envelopes of entries listed by ``scan`` (blocking).
+
+        An entry whose envelope does not parse is set aside in ``corrupt/``,
+        never deleted; one gone meanwhile is skipped. Any other OSError (EMFILE,
+        EIO...) says nothing about the entry: it is raised for the caller to
+        try the batch again, and good mail is never quarantined for it."""
         envelopes = []
         for queue_id, rewritten in entries:
             try:
                 envelopes.append(self._read_envelope(queue_id, rewritten))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, TypeError, KeyError) as e:
+            except ValueError as e:
                 self._quarantine(queue_id, str(e))
         return envelopes
 
@@ -170,7 +191,7 @@ class Spool:
         """Keep an unreadable entry for the operator instead of deleting mail."""
         corrupt = self.directory / "corrupt"
         corrupt.mkdir(mode=0o700, exist_ok=True)
-        for suffix in (".env", ".msg"):
+        for suffix in (".q", ".env"):  # the queue file first: what is left is no entry
             source = self.directory / f"{queue_id}{suffix}"
             if source.exists():
                 os.replace(source, corrupt / source.name)
@@ -222,7 +243,7 @@ class Spool:
     # --- the queue's life ------------------------------------------------------
 
     def message_path(self, queue_id: str) -> Path:
-        return self.directory / f"{queue_id}.msg"
+        return self.directory / f"{queue_id}.q"
 
     def envelope_path(self, queue_id: str) -> Path:
         return self.directory / f"{queue_id}.env"
@@ -251,29 +272,31 @@ class Spool:
 
     def queue_ids(self) -> list[str]:
         """The ids of the entries on disk now, oldest first (blocking)."""
-        return sorted(name[:-4] for name in os.listdir(self.directory)
-                      if name.endswith(".msg") and not name.startswith("tmp-"))
+        return sorted(name[:-2] for name in os.listdir(self.directory)
+                      if name.endswith(".q") and not name.startswith("tmp-"))
 
     def load(self, queue_id: str) -> Envelope:
         """The entry's current envelope (blocking); FileNotFoundError if there is none."""
         return self._read_envelope(queue_id, self.envelope_path(queue_id).exists())
 
     def _read_envelope(self, queue_id: str, rewritten: bool) -> Envelope:
+        """ValueError when the envelope does not parse; OSError when it cannot be read."""
         if rewritten:
             try:
                 with open(f"{self._directory}/{queue_id}.env", "rb") as env:
-                    envelope = Envelope.from_bytes(env.read())
+                    raw = env.read()
             except FileNotFoundError:
                 pass  # removed or superseded between the listing and now
             else:
                 if not self.message_path(queue_id).exists():
                     raise FileNotFoundError(errno.ENOENT, "no such entry", queue_id)
-                return envelope
-        fd = os.open(f"{self._directory}/{queue_id}.msg", os.O_RDONLY | os.O_CLOEXEC)
+                return parse_envelope(raw)
+        fd = os.open(f"{self._directory}/{queue_id}.q", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return Envelope.from_bytes(read_trailer(fd))
+            raw = read_trailer(fd)
         finally:
             os.close(fd)
+        return parse_envelope(raw)
 
     def open_message(self, envelope: Envelope) -> MessageFile:
         """The message of ``envelope``'s entry, for reading (blocking)."""
@@ -341,6 +364,16 @@ class Spool:
 
 
 # --- the queue file's trailer ------------------------------------------------------
+
+
+def parse_envelope(raw: bytes) -> Envelope:
+    """An envelope from its JSON; ValueError for anything that is not a valid one."""
+    try:
+        return Envelope.from_bytes(raw)
+    except ValueError:
+        raise
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"malformed envelope: {type(e).__name__}: {e}") from None
 
 FOOTER_FORMAT = "\nrelaygw-envelope {:010d}\n"
 FOOTER_SIZE = len(FOOTER_FORMAT.format(0))

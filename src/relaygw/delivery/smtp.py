@@ -247,6 +247,7 @@ class SMTPRelayDeliverer:
         self._backlog: Callable[[str], int] = lambda destination: 0
         # destination -> start times of its last two deliveries (steady traffic)
         self._starts: dict[str, tuple[float, float]] = {}
+        self._starts_limit = 1000
 
     def reconfigure(self, config: Config, resolver: NextHopResolver | None = None) -> None:
         """A reloaded config (SIGHUP): routes and relay settings for the next delivery.
@@ -288,9 +289,10 @@ class SMTPRelayDeliverer:
         """Note a delivery's start, for the steady-traffic rule of ``keep_session``."""
         now = self._reactor.seconds()
         _, last = self._starts.pop(destination, (0.0, float("-inf")))
-        if len(self._starts) >= 1000:  # forget the quiet ones, now and then
+        if len(self._starts) >= self._starts_limit:  # forget the quiet ones, now and then
             horizon = now - self.cache.idle_timeout
             self._starts = {d: t for d, t in self._starts.items() if t[1] > horizon}
+            self._starts_limit = max(1000, 2 * len(self._starts))  # amortised: O(1) a call
         self._starts[destination] = (last, now)
 
     # --- IDeliverer ----------------------------------------------------------------
