@@ -111,13 +111,18 @@ class ManualRunner:
         d.errback(error)
 
 
+def held_in_spool(tmp_path: Path, count: int) -> list[Envelope]:
+    """``count`` held messages committed to the spool a Gateway will start on."""
+    spool = Spool(tmp_path / "spool", sync_run)
+    spool.prepare()
+    return [queue_message(spool, [Recipient("x@far.test", "x@far.test", "relay")], held=True)
+            for _ in range(count)]
+
+
 def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_module, "RECOVERY_BATCH", 3)
-    spool = Spool(tmp_path / "spool", sync_run)
-    spool.prepare()
-    queued = [queue_message(spool, [Recipient("x@far.test", "x@far.test", "relay")],
-                            held=True) for _ in range(7)]
+    queued = held_in_spool(tmp_path, 7)
     (tmp_path / "spool" / "tmp-0000000000000000000").write_bytes(b"half written")
     runner = ManualRunner()
     gateway = Gateway(config_for(tmp_path), MemoryReactorClock(), runner, deliverers={})
@@ -141,10 +146,7 @@ def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
 def test_while_the_queue_is_read_back_commands_are_told_to_wait_and_io_errors_retry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_module, "RECOVERY_BATCH", 2)
-    spool = Spool(tmp_path / "spool", sync_run)
-    spool.prepare()
-    queued = [queue_message(spool, [Recipient("x@far.test", "x@far.test", "relay")],
-                            held=True) for _ in range(3)]
+    queued = held_in_spool(tmp_path, 3)
     reactor = MemoryReactorClock()
     runner = ManualRunner()
     gateway = Gateway(config_for(tmp_path), reactor, runner, deliverers={})
