@@ -253,6 +253,7 @@ class Server:
     name = "server"
     address = "127.0.0.1"
     port = 0
+    log: Path  # its log file
 
     def start(self) -> None:
         raise NotImplementedError
@@ -271,6 +272,14 @@ class Server:
     def describe(self) -> str:
         """One line describing the setup."""
         raise NotImplementedError
+
+    def log_lines(self, *markers: str) -> list[str]:
+        """Lines of the server's log (twistd's, or Postfix's maillog) with any of ``markers``."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if any(m in line for m in markers)]
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until the server stops using CPU (its deferrals are done)."""
@@ -437,14 +446,6 @@ tls = "none"
         host, port = self.next_hop
         return (f"relaygw: twistd -n relaygw on {self.address}:{self.port}, relay route via "
                 f"{host}:{port}{self.route_note}")
-
-    def log_lines(self, *markers: str) -> list[str]:
-        """Lines of the twistd log that contain any of ``markers``."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return [line for line in text.splitlines() if any(m in line for m in markers)]
 
     def errors(self) -> list[str]:
         """Log lines that look like failures (tracebacks, errors)."""
@@ -646,14 +647,6 @@ maillog_file = {self.log}
         return (f"postfix {self.version}: private instance on {self.address}:{self.port}, "
                 f"relayhost [{host}]:{port}{self.route_note}, chroot off, "
                 f"in_flow_delay 0, no peername lookup")
-
-    def log_lines(self, *markers: str) -> list[str]:
-        """Lines of the maillog that contain any of ``markers``."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return [line for line in text.splitlines() if any(m in line for m in markers)]
 
 
 # --------------------------------------------------------------------------- load
