@@ -21,10 +21,6 @@ class RecipientState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"        # permanent failure: bounced (or dropped for sender <>)
 
-    @property
-    def pending(self) -> bool:
-        return self in (RecipientState.QUEUED, RecipientState.DEFERRED,
-                        RecipientState.DELIVERING)
 
 
 _STATES = {state.value: state for state in RecipientState}  # cheaper than the Enum call
@@ -63,8 +59,9 @@ class Envelope:
 
     @property
     def pending(self) -> list[Recipient]:
-        # Identity tests: an enum property or a set lookup (Enum.__hash__ is Python
-        # code) costs more, and the scheduler asks this several times per message.
+        # Pending: queued, deferred or delivering. Identity tests, because a set
+        # lookup (Enum.__hash__ is Python code) costs more, and the scheduler asks
+        # this several times per message.
         return [r for r in self.recipients
                 if r.state is not _DELIVERED and r.state is not _FAILED]
 

@@ -81,20 +81,14 @@ class GatewayMetrics:
         self.messages_received.inc()
 
     def reject(self, reason: str) -> None:
-        child = self._rejections.get(reason)
-        if child is None:
-            child = self._rejections[reason] = self.rejections.labels(reason=reason)
-        child.inc()
+        _child(self._rejections, self.rejections, reason).inc()
 
     def outcome(self, event: Event) -> None:
         kind = event.kind
         if kind == "expired":
             self.expired.inc()
             kind = "bounced"
-        child = self._deliveries.get(kind)
-        if child is None:
-            child = self._deliveries[kind] = self.deliveries.labels(result=kind)
-        child.inc()
+        _child(self._deliveries, self.deliveries, kind).inc()
 
     # --- exposition ----------------------------------------------------------------------
 
@@ -149,3 +143,11 @@ def metrics_site(metrics: GatewayMetrics) -> Site:
     site = QuietSite(root)
     site.displayTracebacks = False
     return site
+
+
+def _child(children: dict[str, Any], counter: Counter, value: str) -> Any:
+    """The counter's child for its one label's ``value``, looked up once and kept."""
+    child = children.get(value)
+    if child is None:
+        child = children[value] = counter.labels(value)
+    return child

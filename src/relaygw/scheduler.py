@@ -500,11 +500,12 @@ class Scheduler:
         line (first come, first served); ``draining`` is the one whose line this
         message just left."""
         try:
-            destinations = {self._destination_of(r) for r in due}
+            routed = self._routed(due)
         except KeyError:  # an unknown transport: the attempt logs it and leaves it queued
             self._start_attempt(envelope)
             return
-        if self._park_if_all_dead(envelope, due, destinations, now):
+        destinations = {destination for _, destination in routed}
+        if self._park_if_all_dead(envelope, routed, destinations, now):
             return
         crowded = next((d for d in sorted(destinations)
                         if self._crowded(d) or (d in self._blocked and d != draining)), None)
@@ -512,7 +513,12 @@ class Scheduler:
             self._blocked.setdefault(crowded, deque()).append(envelope.id)
             self._aside.add(envelope.id)
             return
-        self._start_attempt(envelope)
+        self._start_attempt(envelope, routed)
+
+    def _routed(self, recipients: list[Recipient]) -> list[tuple[Recipient, str]]:
+        """Each recipient with its destination (the key of slots and back-off), worked
+        out once per attempt; KeyError for an unknown transport."""
+        return [(r, self._destination_of(r)) for r in recipients]
 
     def _drain(self, destination: str, now: float, budget: int) -> int:
         """Take ids waiting aside for ``destination`` while it has room; the budget left."""
@@ -545,7 +551,7 @@ class Scheduler:
     def _backlog_limit(self) -> int:
         return BACKLOG_PER_SLOT * self.config.per_destination
 
-    def _park_if_all_dead(self, envelope: Envelope, due: list[Recipient],
+    def _park_if_all_dead(self, envelope: Envelope, routed: list[tuple[Recipient, str]],
                           destinations: set[str], now: float) -> bool:
         """Park a message whose every due destination is dead, without an attempt
         (no coroutine, no disk write); True when it did."""
@@ -554,14 +560,15 @@ class Scheduler:
             return False
         if retry.expired(now, envelope.received, self.config.max_age):
             return False  # expiry bounces and writes: the attempt's path does that
-        for recipient in due:
-            state = self._destinations[self._destination_of(recipient)]
+        for recipient, destination in routed:
+            state = self._destinations[destination]
             self._park(envelope, recipient, _Suspended(state.dead_until, state.last_error))
         self._push(envelope)
         return True
 
-    def _start_attempt(self, envelope: Envelope) -> None:
-        d = Deferred.fromCoroutine(self._attempt(envelope))
+    def _start_attempt(self, envelope: Envelope,
+                       routed: list[tuple[Recipient, str]] | None = None) -> None:
+        d = Deferred.fromCoroutine(self._attempt(envelope, routed))
         self._active[envelope.id] = d
 
         def finished(result: object) -> None:
@@ -587,16 +594,18 @@ class Scheduler:
 
     # --- one attempt ---------------------------------------------------------------
 
-    async def _attempt(self, envelope: Envelope) -> None:
-        now = self.clock.seconds()
-        due = [r for r in envelope.pending
-               if r.state is not RecipientState.DELIVERING
-               and (r.next_attempt is None or r.next_attempt <= now)]
+    async def _attempt(self, envelope: Envelope,
+                       routed: list[tuple[Recipient, str]] | None) -> None:
+        """One attempt for the recipients due now: ``routed``, as the due run found
+        them (None: work them out here)."""
+        if routed is None:
+            now = self.clock.seconds()
+            routed = self._routed([r for r in envelope.pending
+                                   if r.state is not RecipientState.DELIVERING
+                                   and (r.next_attempt is None or r.next_attempt <= now)])
         groups: dict[tuple[str, str], list[Recipient]] = {}
-        for recipient in due:
-            deliverer = self.deliverers[recipient.action]
-            key = (recipient.action, deliverer.destination(recipient))
-            groups.setdefault(key, []).append(recipient)
+        for recipient, destination in routed:
+            groups.setdefault((recipient.action, destination), []).append(recipient)
             recipient.state = RecipientState.DELIVERING
         attempts = [self._deliver_group(envelope, action, destination, recipients)
                     for (action, destination), recipients in groups.items()]

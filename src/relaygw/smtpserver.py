@@ -19,6 +19,7 @@ neither passwords nor the base64 that carries them are ever logged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections import Counter
@@ -151,10 +152,8 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:  # replies are small and awaited: no Nagle wait
-            try:
+            with contextlib.suppress(OSError):
                 set_no_delay(True)
-            except OSError:
-                pass
         peer = self.transport.getPeer()
         self.client_host = getattr(peer, "host", "unknown")
         limits = self.config.limits

@@ -370,11 +370,11 @@ def parse_envelope(raw: bytes) -> Envelope:
     """An envelope from its JSON; ValueError for anything that is not a valid one."""
     try:
         return Envelope.from_bytes(raw)
-    except ValueError:
-        raise
     except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"malformed envelope: {type(e).__name__}: {e}") from None
 
+
+FOOTER_PREFIX = b"\nrelaygw-envelope "
 FOOTER_FORMAT = "\nrelaygw-envelope {:010d}\n"
 FOOTER_SIZE = len(FOOTER_FORMAT.format(0))
 
@@ -394,10 +394,10 @@ def read_trailer(fd: int) -> bytes:
     if end < FOOTER_SIZE:
         raise ValueError("queue file too short for an envelope trailer")
     tail = os.pread(fd, min(end, TRAILER_READ), end - min(end, TRAILER_READ))
-    footer = tail[-FOOTER_SIZE:].decode("ascii", "replace")
-    prefix, _, digits = footer.strip("\n").rpartition(" ")
-    if (prefix != "relaygw-envelope" or not digits.isdigit()
-            or tail[-FOOTER_SIZE:] != trailer_footer(int(digits))):
+    footer = tail[-FOOTER_SIZE:]
+    digits = footer[len(FOOTER_PREFIX):-1]  # ten of them when the footer is well formed
+    if not (footer.startswith(FOOTER_PREFIX) and footer.endswith(b"\n")
+            and digits.isdigit()):
         raise ValueError("no envelope trailer at the end of the queue file")
     length = int(digits)
     if length > end - FOOTER_SIZE:
