@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from core_fakes import queue_message
-from relaygw import service as service_module
+from relaygw import spoolreader
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
 from relaygw.scheduler import UnknownMessage
@@ -121,7 +121,7 @@ def held_in_spool(tmp_path: Path, count: int) -> list[Envelope]:
 
 def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service_module, "RECOVERY_BATCH", 3)
+    monkeypatch.setattr(spoolreader, "RECOVERY_BATCH", 3)
     queued = held_in_spool(tmp_path, 7)
     (tmp_path / "spool" / "tmp-0000000000000000000").write_bytes(b"half written")
     runner = ManualRunner()
@@ -145,7 +145,7 @@ def test_start_up_reads_the_queue_back_in_batches_off_the_reactor(
 
 def test_while_the_queue_is_read_back_commands_are_told_to_wait_and_io_errors_retry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service_module, "RECOVERY_BATCH", 2)
+    monkeypatch.setattr(spoolreader, "RECOVERY_BATCH", 2)
     queued = held_in_spool(tmp_path, 3)
     reactor = MemoryReactorClock()
     runner = ManualRunner()

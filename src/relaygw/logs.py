@@ -13,11 +13,21 @@ straight to the logger's observer (see ``MailLog._emit``).
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Mapping
 from time import time
-from typing import Any
+from typing import Any, TextIO
 
-from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, eventAsJSON
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    eventAsJSON,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 
 from relaygw.envelope import Envelope
 from relaygw.scheduler import Event
@@ -90,6 +100,54 @@ class MailLog:
     def bounce_queued(self, envelope: Envelope, bounce_id: str) -> None:
         self._emit(f"{envelope.id}: sender non-delivery notification: {bounce_id}",
                    event="bounce", queue_id=envelope.id, bounce_id=bounce_id)
+
+
+_last_stamp: tuple[int, str] = (-1, "")  # (whole second, its text): stamped once a second
+
+
+def _time_stamp(when: float) -> str:
+    """``formatTime(when)``: RFC 3339 to the second, so one per second is enough."""
+    global _last_stamp
+    second = math.floor(when)
+    if _last_stamp[0] != second:
+        _last_stamp = (second, formatTime(when))
+    return _last_stamp[1]
+
+
+def classic_text(event: Mapping[str, Any]) -> str | None:
+    """Exactly ``formatEventAsClassicLogText(event)``: the line twistd's default
+    observer writes.
+
+    The mail log's own events (format ``{text}``, no failure, no ``log_system``)
+    take a short path: the text is ready, the system is ``namespace#level``, and
+    the time stamp is formatted once a second. Twisted's own formatting (time
+    zone, strftime, a format parser) cost about 20 us of reactor time per line:
+    a fifth of the time to resume a 100,000-message queue whose next hop is
+    down, where every message is logged as deferred. Any other event goes to
+    Twisted's function."""
+    text = event.get("text")
+    when = event.get("log_time")
+    level = event.get("log_level")
+    namespace = event.get("log_namespace")
+    if (event.get("log_format") == "{text}" and isinstance(text, str) and text
+            and when is not None and level is not None and namespace is not None
+            and "log_failure" not in event and "log_system" not in event):
+        return f"{_time_stamp(when)} [{namespace}#{level.name}] {text}".replace("\n", "\n\t") + "\n"
+    return formatEventAsClassicLogText(event)
+
+
+def stdout_observer(twistd_options: Mapping[str, Any] | None,
+                    out: TextIO | None = None) -> ILogObserver | None:
+    """The observer twistd would make to log to stdout, writing the same lines
+    through ``classic_text``; None wherever twistd's own choice must stand:
+    ``--logger``, ``--syslog``, a ``--logfile`` (rotation, SIGUSR1), a daemon."""
+    if twistd_options is None or twistd_options.get("logger") or twistd_options.get("syslog"):
+        return None
+    if not twistd_options.get("nodaemon") or twistd_options.get("debug"):
+        return None
+    if twistd_options.get("logfile") not in (None, "", "-"):
+        return None
+    return FileLogObserver(out if out is not None else sys.stdout, classic_text)
 
 
 def jsonLogger() -> ILogObserver:

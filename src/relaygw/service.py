@@ -16,6 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -37,11 +38,13 @@ from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
-from relaygw.spool import RECOVERY_BATCH, BlockingRunner, Spool
+from relaygw.spool import BlockingRunner, Spool
+from relaygw.spoolreader import ChildReader, Entry, ReaderFailed, SpoolReader, ThreadReader
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
 DISK_THREADS = 32
+CHILD_READER_MIN = 2000  # queue entries from which start-up reads them in a child process
 
 
 class DiskThreads:
@@ -81,6 +84,7 @@ class Gateway(Service):
             deliverers = default_deliverers(config, reactor, run_blocking)
         self.run_blocking = run_blocking
         self.resumed: Deferred[None] = succeed(None)  # start-up's read of the spool
+        self._reader: SpoolReader | None = None  # while it runs
         self.scheduler = Scheduler(self.spool, deliverers, reactor, config.queue,
                                    bouncer=self.bounce, on_event=self.maillog.outcome)
         # Files are read in startService, inside twistd's --rundir.
@@ -108,49 +112,68 @@ class Gateway(Service):
         self.resumed = Deferred.fromCoroutine(self._resume(entries))
         self.resumed.addErrback(lambda f: self.log.failure("spool: resuming the queue failed", f))
 
-    async def _resume(self, entries: list[tuple[str, bool]]) -> None:
-        """Read the queue back in batches in the thread pool while the listeners
-        already serve: a big spool neither delays the banner nor blocks the reactor.
+    async def _resume(self, entries: list[Entry]) -> None:
+        """Read the queue back in batches while the listeners already serve: a big
+        spool neither delays the banner nor blocks the reactor.
 
-        Until an entry is read, operator commands naming it are told to try
-        again (not "no such message"). A batch that fails with an I/O error
-        (EMFILE, EIO...) is tried again, with a growing pause: mail is never
-        set aside for a problem of the machine's."""
+        A spool of CHILD_READER_MIN entries or more is read by a child process
+        (relaygw.spoolreader: on the other core, not taking turns with the
+        reactor for the GIL); a smaller one, or the rest after a child failed,
+        in the disk thread pool. Until an entry is read, operator commands naming
+        it are told to try again (not "no such message"). A batch that fails with
+        an I/O error (EMFILE, EIO...) is tried again, with a growing pause: mail
+        is never set aside for a problem of the machine's."""
         if not entries:
             return
         self.log.info("spool: resuming {count} queued messages", count=len(entries))
         self.scheduler.loading = {queue_id for queue_id, _ in entries}
         count = 0
-        start = 0
+        position = 0
         pause = 1.0
+        in_child = (len(entries) >= CHILD_READER_MIN
+                    and IReactorProcess.providedBy(self.reactor))
         try:
-            while start < len(entries):
-                batch = entries[start:start + RECOVERY_BATCH]
+            while position < len(entries) and self.running:
                 try:
-                    envelopes = await self.run_blocking(self.spool.load_entries, batch)
+                    self._reader = self._start_reader(entries[position:], in_child)
+                    while (batch := await self._reader.next()) is not None:
+                        if not self.running:
+                            return
+                        for queue_id, problem in batch.quarantined:
+                            self.spool.log_quarantined(queue_id, problem)
+                        self.scheduler.resume(batch.envelopes)
+                        count += len(batch.envelopes)
+                        position += batch.count
+                        pause = 1.0
                 except OSError as e:
                     self.log.error("spool: cannot read the queue back: {error}; trying again"
                                    " in {pause:.0f}s", error=e, pause=pause)
                     await deferLater(self.reactor, pause, lambda: None)
                     pause = min(2 * pause, 60.0)
-                    if not self.running:
-                        return
-                    continue
-                if not self.running:
-                    return
-                pause = 1.0
-                self.scheduler.resume(envelopes)
-                count += len(envelopes)
-                start += RECOVERY_BATCH
+                except ReaderFailed as e:
+                    self.log.warn("spool: {problem}; reading the rest in threads", problem=e)
+                    in_child = False
+                finally:
+                    if self._reader is not None:
+                        self._reader.stop()
+                        self._reader = None
         finally:
             self.scheduler.loading.clear()
-        self.log.info("spool: {count} queued messages resumed", count=count)
+        if self.running:
+            self.log.info("spool: {count} queued messages resumed", count=count)
+
+    def _start_reader(self, entries: list[Entry], in_child: bool) -> SpoolReader:
+        if in_child:
+            return ChildReader(self.reactor, self.spool, self.run_blocking, entries)
+        return ThreadReader(self.spool, self.run_blocking, entries)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM: the listeners have stopped (they stop first); sessions finish
         their transaction in flight, deliveries in flight are recorded, within
         SHUTDOWN_GRACE; what is left then is cut (the spool stays consistent)."""
         super().stopService()
+        if self._reader is not None:
+            self._reader.stop()
         return Deferred.fromCoroutine(self._shutdown())
 
     async def _shutdown(self) -> None:

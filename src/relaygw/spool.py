@@ -171,23 +171,40 @@ class Spool:
         return entries
 
     def load_entries(self, entries: list[tuple[str, bool]]) -> list[Envelope]:
-        """The envelopes of entries listed by ``scan`` (blocking).
+        """The envelopes of entries listed by ``scan`` (blocking); what
+        ``read_entries`` sets aside is logged."""
+        envelopes, quarantined = self.read_entries(entries)
+        for queue_id, problem in quarantined:
+            self.log_quarantined(queue_id, problem)
+        return envelopes
+
+    def read_entries(self, entries: list[tuple[str, bool]]
+                     ) -> tuple[list[Envelope], list[tuple[str, str]]]:
+        """The envelopes of entries listed by ``scan`` (blocking), and the entries
+        set aside, as (queue id, problem), for the caller to log.
 
         An entry whose envelope does not parse is set aside in ``corrupt/``,
         never deleted; one gone meanwhile is skipped. Any other OSError (EMFILE,
         EIO...) says nothing about the entry: it is raised for the caller to
         try the batch again, and good mail is never quarantined for it."""
         envelopes = []
+        quarantined = []
         for queue_id, rewritten in entries:
             try:
                 envelopes.append(self._read_envelope(queue_id, rewritten))
             except FileNotFoundError:
                 continue
             except ValueError as e:
-                self._quarantine(queue_id, str(e))
-        return envelopes
+                quarantined.append((queue_id, str(e)))
+        self.quarantine([queue_id for queue_id, _ in quarantined])
+        return envelopes, quarantined
 
-    def _quarantine(self, queue_id: str, problem: str) -> None:
+    def quarantine(self, queue_ids: list[str]) -> None:
+        """Set entries aside in ``corrupt/`` (blocking)."""
+        for queue_id in queue_ids:
+            self._quarantine(queue_id)
+
+    def _quarantine(self, queue_id: str) -> None:
         """Keep an unreadable entry for the operator instead of deleting mail."""
         corrupt = self.directory / "corrupt"
         corrupt.mkdir(mode=0o700, exist_ok=True)
@@ -195,6 +212,8 @@ class Spool:
             source = self.directory / f"{queue_id}{suffix}"
             if source.exists():
                 os.replace(source, corrupt / source.name)
+
+    def log_quarantined(self, queue_id: str, problem: str) -> None:
         self.log.error("spool: {id} set aside in corrupt/: {problem}", id=queue_id,
                        problem=problem)
 
@@ -281,6 +300,13 @@ class Spool:
 
     def _read_envelope(self, queue_id: str, rewritten: bool) -> Envelope:
         """ValueError when the envelope does not parse; OSError when it cannot be read."""
+        return parse_envelope(self.read_raw_envelope(queue_id, rewritten))
+
+    def read_raw_envelope(self, queue_id: str, rewritten: bool) -> bytes:
+        """The entry's current envelope as stored (blocking): ``ID.env`` when
+        ``rewritten`` and still there, else the queue file's trailer. ValueError
+        for a damaged trailer; OSError (FileNotFoundError: the entry is gone)
+        when it cannot be read."""
         if rewritten:
             try:
                 with open(f"{self._directory}/{queue_id}.env", "rb") as env:
@@ -290,13 +316,12 @@ class Spool:
             else:
                 if not self.message_path(queue_id).exists():
                     raise FileNotFoundError(errno.ENOENT, "no such entry", queue_id)
-                return parse_envelope(raw)
+                return raw
         fd = os.open(f"{self._directory}/{queue_id}.q", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            raw = read_trailer(fd)
+            return read_trailer(fd)
         finally:
             os.close(fd)
-        return parse_envelope(raw)
 
     def open_message(self, envelope: Envelope) -> MessageFile:
         """The message of ``envelope``'s entry, for reading (blocking)."""
@@ -387,13 +412,20 @@ def trailer_footer(envelope_length: int) -> bytes:
 def read_trailer(fd: int) -> bytes:
     """The committed envelope's JSON from the end of an open queue file.
 
-    One read of the file's last ``TRAILER_READ`` bytes finds most envelopes
-    whole (start-up reads every entry). ValueError if the file does not end in
-    a well-formed trailer (damage, or a bare message): the caller quarantines it."""
-    end = os.fstat(fd).st_size
+    A queue file under ``TRAILER_READ`` bytes (most, with small messages) is
+    read whole by one pread from its start, with no fstat; a longer one by one
+    read of its last ``TRAILER_READ`` bytes, which holds most envelopes whole.
+    Start-up reads every entry, so each system call saved counts. ValueError
+    if the file does not end in a well-formed trailer (damage, or a bare
+    message): the caller quarantines it."""
+    tail = os.pread(fd, TRAILER_READ, 0)
+    if len(tail) < TRAILER_READ:
+        end = len(tail)
+    else:
+        end = os.fstat(fd).st_size
+        tail = os.pread(fd, TRAILER_READ, end - TRAILER_READ)
     if end < FOOTER_SIZE:
         raise ValueError("queue file too short for an envelope trailer")
-    tail = os.pread(fd, min(end, TRAILER_READ), end - min(end, TRAILER_READ))
     footer = tail[-FOOTER_SIZE:]
     digits = footer[len(FOOTER_PREFIX):-1]  # ten of them when the footer is well formed
     if not (footer.startswith(FOOTER_PREFIX) and footer.endswith(b"\n")

@@ -6,11 +6,12 @@ import os
 import signal
 from typing import Any
 
-from twisted.application.service import IService
-from twisted.logger import Logger
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from relaygw.config import Config, ConfigError, load_config
+from relaygw.logs import stdout_observer
 
 
 class Options(usage.Options):
@@ -41,7 +42,27 @@ def makeService(options: Options) -> IService:
     # --config must still name the same file at SIGHUP.
     path = os.path.abspath(options["config"]) if options["config"] is not None else None
     reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
-    return top
+    observer = stdout_observer(getattr(options, "parent", None))
+    return top if observer is None else LoggingTo(top, observer)
+
+
+class LoggingTo(MultiService):
+    """relaygw's services, which, as twistd attaches them to its application, set
+    the application's log observer: twistd then logs to stdout through it instead
+    of its own (same lines, formatted faster: ``relaygw.logs.classic_text``).
+    twistd consults the application only without ``--logger``, and
+    ``stdout_observer`` gives an observer only where twistd would log to stdout."""
+
+    def __init__(self, services: IService, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = observer
+        services.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        set_component = getattr(parent, "setComponent", None)
+        if set_component is not None:  # twistd's Application (Componentized)
+            set_component(ILogObserver, self.observer)
+        super().setServiceParent(parent)
 
 
 def _stop_cleanly_on_sigterm(reactor: Any) -> None:
