@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relaygw.datareader import DataError, DataReader
 
@@ -339,3 +342,62 @@ def test_write_failure_is_kept_and_scanning_goes_on() -> None:
     assert isinstance(reader.write_error, OSError)
     assert reader.write_error.errno == 28
     assert sink.data == b"one\r\n"
+
+
+# --- against a line-by-line reference ------------------------------------------------
+
+REFERENCE_RECEIVED = re.compile(rb"(?i)received[ \t]*:")
+
+
+def reference(stream: bytes, max_line: int) -> tuple[bool, bytes | None, bool, bytes, int]:
+    """What DATA means, line by line, the slow and obvious way: (finished, what
+    followed the end, any error, the message unstuffed, its Received: headers)."""
+    end = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    data = stream if end < 0 else stream[:end]
+    error = False
+    lines = data.split(b"\r\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        error = True  # unfinished: the last line has no CRLF yet (bare or cut)
+    unstuffed = []
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            error = True
+        if line.startswith(b"."):
+            line = line[1:]
+        if len(line) > max_line:
+            error = True
+        unstuffed.append(line)
+    received = 0
+    for line in unstuffed:
+        if line == b"":
+            break
+        received += bool(REFERENCE_RECEIVED.match(line))
+    stored = b"".join(line + b"\r\n" for line in unstuffed)
+    return end >= 0, None if end < 0 else stream[end + 3:], error, stored, received
+
+
+PARTS = [b"a", b"Received: x", b"b" * 13, b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.",
+         b"\r\n.\r\n", b"\r\n\r\n", b"\x00"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PARTS), max_size=40), st.data())
+def test_block_scanning_agrees_with_a_line_by_line_reading(parts: list[bytes],
+                                                           data: st.DataObject) -> None:
+    """Whatever the bytes and wherever the network cuts them, the bulk scanner ends
+    where the line-by-line reading ends, flags an error exactly when some line is
+    bare or too long, and stores the same unstuffed message with the same count.
+    (Which error comes first may depend on the cuts: only its presence is compared.)"""
+    stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=6)))
+    pieces = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    max_line = 12
+    reader, stored, leftover = run(pieces, max_line=max_line)
+    finished, after, error, expected, received = reference(stream, max_line)
+    assert (reader.finished, leftover) == (finished, after)
+    assert (reader.error is not None) == error
+    if not error:
+        assert stored == expected
+        assert reader.received_headers == received
