@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import time
 from typing import Any, TextIO
 
@@ -28,6 +28,8 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import threadable
+from zope.interface import implementer
 
 from relaygw.envelope import Envelope
 from relaygw.scheduler import Event
@@ -102,13 +104,18 @@ class MailLog:
                    event="bounce", queue_id=envelope.id, bounce_id=bounce_id)
 
 
-_last_stamp: tuple[int, str] = (-1, "")  # (whole second, its text): stamped once a second
+_last_stamp: tuple[int | None, str] = (None, "")  # (whole second, its text)
 
 
 def _time_stamp(when: float) -> str:
-    """``formatTime(when)``: RFC 3339 to the second, so one per second is enough."""
+    """``formatTime(when)``: RFC 3339 to the second, so one per second is enough.
+
+    formatTime rounds to the microsecond first: a time within a microsecond of
+    the next second may be stamped with that one, so it is not cached."""
     global _last_stamp
     second = math.floor(when)
+    if when - second >= 0.999999:
+        return formatTime(when)
     if _last_stamp[0] != second:
         _last_stamp = (second, formatTime(when))
     return _last_stamp[1]
@@ -136,18 +143,59 @@ def classic_text(event: Mapping[str, Any]) -> str | None:
     return formatEventAsClassicLogText(event)
 
 
-def stdout_observer(twistd_options: Mapping[str, Any] | None,
-                    out: TextIO | None = None) -> ILogObserver | None:
+@implementer(ILogObserver)
+class TurnFlushedLog:
+    """``FileLogObserver(out, classic_text)``, with one flush per reactor turn
+    instead of one per line.
+
+    A flush is a write(2); a relayed message makes three lines or more, and
+    their system calls were 8 % of the reactor thread end to end. Lines
+    logged in a turn of the reactor are flushed by a ``callLater(0)``, which
+    runs before the reactor next waits for I/O: a line is out within
+    microseconds, and a kill -9 can lose only the current turn's lines. Away
+    from a running reactor's thread (start-up, shutdown, other threads) each
+    line is flushed at once, as Twisted's observer does."""
+
+    def __init__(self, out: TextIO, reactor: Any,
+                 in_io_thread: Callable[[], bool] = threadable.isInIOThread) -> None:
+        self._out = out
+        self._reactor = reactor
+        self._in_io_thread = in_io_thread
+        self._flush_pending = False
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        text = classic_text(event)
+        if not text:
+            return
+        self._out.write(text)
+        if self._flush_pending:
+            return
+        if self._reactor.running and self._in_io_thread():
+            self._flush_pending = True
+            self._reactor.callLater(0, self._flush)
+        else:
+            self._out.flush()
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self._out.flush()
+
+
+def stdout_observer(twistd_options: Mapping[str, Any] | None, out: TextIO | None = None,
+                    reactor: Any = None) -> ILogObserver | None:
     """The observer twistd would make to log to stdout, writing the same lines
-    through ``classic_text``; None wherever twistd's own choice must stand:
-    ``--logger``, ``--syslog``, a ``--logfile`` (rotation, SIGUSR1), a daemon."""
+    through ``classic_text`` (a ``TurnFlushedLog``); None wherever twistd's own
+    choice must stand: ``--logger``, ``--syslog``, a ``--logfile`` (rotation,
+    SIGUSR1), a daemon."""
     if twistd_options is None or twistd_options.get("logger") or twistd_options.get("syslog"):
         return None
     if not twistd_options.get("nodaemon") or twistd_options.get("debug"):
         return None
     if twistd_options.get("logfile") not in (None, "", "-"):
         return None
-    return FileLogObserver(out if out is not None else sys.stdout, classic_text)
+    if reactor is None:
+        from twisted.internet import reactor
+    return TurnFlushedLog(out if out is not None else sys.stdout, reactor)
 
 
 def jsonLogger() -> ILogObserver:
