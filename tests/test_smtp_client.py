@@ -10,12 +10,13 @@ real TCP endpoints of a MemoryReactorClock.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
@@ -762,3 +763,24 @@ def test_data_sent_after_the_starttls_reply_is_refused(tmp_path: Path) -> None:
     assert result.status is Status.DEFERRED
     assert "after its STARTTLS reply" in result.reply
     assert b"MAIL" not in transport.value()
+
+
+def reference_wire(content: bytes) -> bytes:
+    """DATA the slow and obvious way: every CR, LF or CRLF a CRLF, then line by
+    line, a leading dot doubled, then the final dot."""
+    lines = re.sub(rb"\r\n|\r|\n", b"\r\n", content).split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join(b"." * line.startswith(b".") + line + b"\r\n" for line in lines) + b".\r\n"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"a", b"xyz", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.",
+                                 b"x."]), max_size=40),
+       st.integers(min_value=1, max_value=9))
+def test_dot_stuffing_agrees_with_a_line_by_line_encoding(parts: list[bytes],
+                                                          chunk: int) -> None:
+    """Chunked bulk encoding gives exactly what the line-by-line one gives."""
+    content = b"".join(parts)
+    assert stuffed(content, chunk) == reference_wire(content)
+    assert stuffed(content) == reference_wire(content)

@@ -113,13 +113,18 @@ class DotStuffer:
         if not chunk:
             return b""
         self._empty = False
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:  # not CRLF-clean
+        # The spool holds CRLF-only messages: a CR or LF left once the CRLFs are cut
+        # out (memchr, in C) is what calls for the regex; and only a chunk with a
+        # dot in it can need stuffing. Cheaper than counting CR, LF and CRLF.
+        inside = b"".join(chunk.split(b"\r\n"))
+        if b"\r" in inside or b"\n" in inside:  # not CRLF-clean
             chunk = self._LINE_END.sub(b"\r\n", chunk)
-        # the spool holds CRLF-only messages: the counts (in C) spare the regex
-        out = chunk.replace(b"\r\n.", b"\r\n..") if b"\r\n." in chunk else chunk
-        if self._at_line_start and out.startswith(b"."):
-            out = b"." + out
+        out = chunk
+        if b"." in chunk:
+            if b"\r\n." in chunk:
+                out = chunk.replace(b"\r\n.", b"\r\n..")
+            if self._at_line_start and out.startswith(b"."):
+                out = b"." + out
         self._at_line_start = out.endswith(b"\r\n")
         return out
 
