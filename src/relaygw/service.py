@@ -151,7 +151,9 @@ class Gateway(Service):
                     await deferLater(self.reactor, pause, lambda: None)
                     pause = min(2 * pause, 60.0)
                 except ReaderFailed as e:
-                    self.log.warn("spool: {problem}; reading the rest in threads", problem=e)
+                    if self.running:  # not the child stopped by stopService
+                        self.log.warn("spool: {problem}; reading the rest in threads",
+                                      problem=e)
                     in_child = False
                 finally:
                     if self._reader is not None:

@@ -128,10 +128,12 @@ class ChildReaderProtocol(ProcessProtocol):
         try:
             frames = take_frames(self._buffer)
         except (ValueError, EOFError, TypeError) as e:  # what marshal.loads raises
-            self.garbled = f"unreadable output ({e!r})"
-            self.transport.signalProcess("KILL")
-            return
+            frames = [e]
         for frame in frames:
+            if not well_formed(frame):
+                self.garbled = f"sent unreadable output ({frame!r:.200})"
+                self.transport.signalProcess("KILL")
+                return
             self.items.put(frame)
 
     def errReceived(self, data: bytes) -> None:
@@ -156,6 +158,8 @@ class ChildReader:
         package_root = str(Path(relaygw.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
                                             if p)
+        if not sys.executable:
+            raise ReaderFailed("no Python executable to run the spool reader with")
         try:
             self._process = reactor.spawnProcess(
                 self._protocol, sys.executable,
@@ -170,11 +174,10 @@ class ChildReader:
 
     def _parsed(self, item: Frame | _Ended) -> Batch | Deferred[Batch]:
         if isinstance(item, _Ended):
-            status = self._protocol.garbled or (
-                "exited 0" if item.reason.check(ProcessDone) else str(item.reason.value))
             stderr = item.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise ReaderFailed(f"the spool reader process {status} with {self._left} entries"
-                               f" unread{': ' + stderr[-1] if stderr else ''}")
+            raise ReaderFailed(f"the spool reader process {self._how_it_ended(item.reason)}"
+                               f" with {self._left} entries unread"
+                               f"{': ' + stderr[-1] if stderr else ''}")
         count, records, error = item
         if error is not None:
             raise OSError(*error)
@@ -194,6 +197,17 @@ class ChildReader:
             return batch
         set_aside = self._run_blocking(self._spool.quarantine, [i for i, _ in damaged])
         return set_aside.addCallback(lambda _: batch)
+
+    def _how_it_ended(self, reason: Failure) -> str:
+        if self._protocol.garbled is not None:
+            return self._protocol.garbled
+        if reason.check(ProcessDone):
+            return "exited 0"
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        if signal is not None:
+            return f"was killed by signal {signal}"
+        return f"exited with status {code}"
 
     def stop(self) -> None:
         if not self._protocol.ended:
@@ -219,6 +233,19 @@ def decode_entries(text: bytes) -> list[Entry]:
 def encode_frame(frame: Frame) -> bytes:
     payload = marshal.dumps(frame)
     return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def well_formed(frame: object) -> bool:
+    """Whether a decoded frame has the shape ``(count, records, error)``."""
+    if not (isinstance(frame, tuple) and len(frame) == 3):
+        return False
+    count, records, error = frame
+    return (isinstance(count, int) and isinstance(records, list)
+            and all(isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], str)
+                    and isinstance(r[1], bytes | None) and isinstance(r[2], str | None)
+                    for r in records)
+            and (error is None or (isinstance(error, tuple) and len(error) == 2
+                                   and isinstance(error[0], int) and isinstance(error[1], str))))
 
 
 def take_frames(buffer: bytearray) -> list[Frame]:
