@@ -29,6 +29,7 @@ from twisted.test.iosim import ConnectionCompleter
 from relaygw.config import Config, parse_config
 from relaygw.delivery.smtp import SMTPRelayDeliverer, parse_ehlo
 from relaygw.delivery.smtpclient import (
+    CHUNK_SIZE,
     DotStuffer,
     Reply,
     SMTPClientProtocol,
@@ -681,8 +682,9 @@ def test_pipelining_sends_mail_rcpts_and_data_in_one_write(tmp_path: Path) -> No
     assert sent == (b"MAIL FROM:<alice@origin.test>\r\nRCPT TO:<a@example.test>\r\n"
                     b"RCPT TO:<b@example.test>\r\nDATA\r\n")
     assert dialog.server("250 2.1.0 Ok", "250 2.1.5 Ok", "550 5.1.1 no such user") == b""
-    assert dialog.server("354 go ahead") == b""
-    assert dialog.stream() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    # a message shorter than a chunk goes out at once with its dot, in one write
+    assert dialog.server("354 go ahead") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert len(dialog.transport.writes) == 1 and dialog.transport.producer is None
     assert not dialog.result.called
     assert dialog.server("250 2.0.0 Ok: queued") == b"QUIT\r\n"
     assert result_of(dialog.result) == [
@@ -697,8 +699,7 @@ def test_without_pipelining_each_command_waits_for_its_reply(tmp_path: Path) -> 
     assert dialog.server("250 Ok") == b"RCPT TO:<a@example.test>\r\n"
     assert dialog.server("450 4.2.0 greylisted") == b"RCPT TO:<b@example.test>\r\n"
     assert dialog.server("250 Ok") == b"DATA\r\n"
-    assert dialog.server("354 go") == b""
-    dialog.stream()
+    assert dialog.server("354 go") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
     dialog.server("250 2.0.0 Ok")
     assert [r.status for r in result_of(dialog.result)] == [Status.DEFERRED, Status.DELIVERED]
 
@@ -722,6 +723,24 @@ def test_rfc_5321_timeouts(tmp_path: Path, step: str, limit: float) -> None:
     assert result.status is Status.DEFERRED
     assert "timeout" in result.reply
     assert dialog.transport.disconnecting
+
+
+def test_a_message_of_a_chunk_or_more_is_streamed_by_the_producer(tmp_path: Path) -> None:
+    """From CHUNK_SIZE bytes on, the message goes through the pull producer, chunk by
+    chunk as the socket drains, the first chunk the one read to decide, and the dot last."""
+    content = b"".join(b"%05d" % n + b"x" * 73 + b"\r\n" for n in range(1700))  # 136,000
+    dialog = Dialog(tmp_path, "a@example.test", content=content)
+    for reply in ("220 mx", "250-mx\r\n250 PIPELINING", "250 Ok\r\n250 Ok"):
+        dialog.proto.dataReceived(reply.encode() + b"\r\n")
+    assert dialog.server("354 go") == b""  # registered; the transport pulls when it drains
+    assert dialog.transport.producer is not None
+    producer = dialog.transport.producer
+    producer.resumeProducing()
+    assert dialog.transport.value() == content[:CHUNK_SIZE]  # the chunk read to decide
+    assert content[:CHUNK_SIZE] + dialog.stream() == content + b".\r\n"
+    assert dialog.transport.producer is None
+    dialog.server("250 2.0.0 Ok")
+    assert result_of(dialog.result)[0].status is Status.DELIVERED
 
 
 def test_a_stalled_data_transfer_times_out(tmp_path: Path) -> None:

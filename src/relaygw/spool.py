@@ -452,6 +452,8 @@ class MessageFile:
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self._left:
             n = self._left
+        if n == 0:
+            return b""
         data = self._file.read(n)
         self._left -= len(data)
         return data

@@ -158,14 +158,31 @@ class MessageProducer:
         self._stuffer = DotStuffer()
         self.done: Deferred[None] = Deferred()
         self._finished = False
+        self._first: bytes | None = None  # the chunk start() read, not yet written
 
     def start(self) -> None:
+        """A message shorter than a chunk (most mail) goes out in one write with
+        its final dot, sent at once (``write_now``): no producer, no two turns of
+        the reactor and two ``epoll_ctl`` calls for what fits the socket buffer."""
+        first = self._source.read(self._chunk_size)
+        if len(first) < self._chunk_size:  # a short read: the end of the file
+            self._finished = True
+            write_now(self._transport, self._stuffer.encode(first) + self._stuffer.finish())
+            if self._on_progress is not None:
+                self._on_progress()
+            self.done.callback(None)
+            return
+        self._first = first
         self._transport.registerProducer(self, False)  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
         if self._finished:
             return
-        chunk = self._source.read(self._chunk_size)
+        chunk = self._first
+        if chunk is not None:
+            self._first = None
+        else:
+            chunk = self._source.read(self._chunk_size)
         if chunk:
             data = self._stuffer.encode(chunk)
         else:
