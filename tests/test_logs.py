@@ -430,3 +430,19 @@ def test_an_event_without_text_writes_and_schedules_nothing() -> None:
     observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
     observer({"log_time": 1.0})
     assert out.getvalue() == "" and out.flushes == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_line_after_the_reactor_stopped_flushes_a_turn_flush_that_never_came(
+        cold_stamp_cache: None) -> None:
+    """A line logged in the reactor's last turn waits for a flush that will not run
+    once the reactor has stopped: the next line (twistd's "Main loop terminated.")
+    flushes it with its own, or a SIGINT exit would lose them both."""
+    out = CountingOut()
+    clock = RunningClock()
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
+    observer(mail_event("last turn"))
+    assert out.flushes == 0 and len(clock.getDelayedCalls()) == 1
+    clock.running = False  # type: ignore[misc]  # stopped before the callLater(0) ran
+    observer(mail_event("Main loop terminated."))
+    assert out.flushes == 1
+    assert "last turn" in out.getvalue() and "Main loop terminated." in out.getvalue()

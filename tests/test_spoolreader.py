@@ -741,3 +741,77 @@ def test_stopping_the_gateway_kills_the_child_reader(
     assert gateway.resumed.called and gateway.scheduler.loading == set()
     assert not any("reading the rest in threads" in line
                    for line in lines(logged, LogLevel.warn))  # it is not: we are stopping
+
+
+# --- found in review -----------------------------------------------------------------
+
+
+def test_garbage_after_the_child_was_reaped_raises_nothing_out_of_the_reactor(
+        tmp_path: Path) -> None:
+    """Twisted may reap the child before its pipe is drained: the KILL is then refused
+    (ProcessExitedAlready), which must not escape outReceived into the reactor."""
+    _, _, reader, child = start_child(tmp_path, 2)
+    d = reader.next()
+    child.transport.exited = True  # reaped; processEnded not reported yet
+    junk = b"\xff\xfe\xfd\xfc"
+    child.send(FRAME_HEADER.pack(len(junk)) + junk)  # must not raise
+    assert child.transport.signals == ["KILL"]
+    child.end(ProcessTerminated(exitCode=0))
+    with pytest.raises(ReaderFailed, match="sent unreadable output"):
+        result_of(d)
+
+
+def test_entries_that_cannot_be_encoded_make_a_reader_failure_not_a_wait(
+        tmp_path: Path) -> None:
+    """Should an entry name ever be unencodable, the child is not left waiting for
+    its stdin (it would wait forever, and so would start-up): stdin is closed, the
+    child killed, and the reader fails over to threads."""
+    spool = make_spool(tmp_path)
+    reactor = ProcessReactor()
+    reader = ChildReader(reactor, spool, sync_run, [("caf\u00e9", False)])
+    [child] = reactor.children
+    assert child.transport.stdin_closed and child.transport.signals == ["KILL"]
+    assert bytes(child.transport.stdin) == b""
+    d = reader.next()
+    child.end(ProcessTerminated(signal=9))
+    with pytest.raises(ReaderFailed, match="not ASCII"):
+        result_of(d)
+
+
+@pytest.mark.parametrize("name", ["caf\u00e9", "two words", "a.b", ""])
+def test_scan_leaves_alone_what_is_not_a_queue_file_name(
+        tmp_path: Path, name: str, logged: list[dict[str, Any]]) -> None:
+    """A file relaygw did not write (a name with a space, a dot, a non-ASCII letter)
+    is neither read as mail nor handed to the start-up reader; it is logged and kept."""
+    spool = make_spool(tmp_path)
+    [envelope] = queued(spool, 1)
+    stray = spool.directory / f"{name}.q"
+    stray.write_bytes(spool.message_path(envelope.id).read_bytes())
+    assert spool.scan() == [(envelope.id, False)]
+    assert stray.exists()
+    assert any("not a queue file name" in line for line in lines(logged, LogLevel.warn))
+
+
+def test_every_entry_set_aside_is_logged_even_when_the_next_move_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        logged: list[dict[str, Any]]) -> None:
+    """Entries are logged one by one as they are moved to corrupt/: an I/O error on
+    the second cannot leave the first moved without a word (the retry would then
+    find it gone and skip it silently)."""
+    spool = make_spool(tmp_path)
+    first, second = queued(spool, 2)
+    damage_trailer(spool, first.id)
+    damage_trailer(spool, second.id)
+    real_replace = os.replace
+
+    def replace(source: Any, target: Any) -> None:
+        if str(source).endswith(f"{second.id}.q"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        spool.read_entries([(first.id, False), (second.id, False)])
+    assert (spool.directory / "corrupt" / f"{first.id}.q").exists()
+    errors = lines(logged, LogLevel.error)
+    assert len(errors) == 1 and first.id in errors[0] and "corrupt/" in errors[0]

@@ -168,13 +168,14 @@ class TurnFlushedLog:
         if not text:
             return
         self._out.write(text)
-        if self._flush_pending:
+        if not (self._reactor.running and self._in_io_thread()):
+            # Whatever is pending too: a turn's flush may never come once the
+            # reactor has stopped (twistd then exits, on SIGINT by the signal).
+            self._out.flush()
             return
-        if self._reactor.running and self._in_io_thread():
+        if not self._flush_pending:
             self._flush_pending = True
             self._reactor.callLater(0, self._flush)
-        else:
-            self._out.flush()
 
     def _flush(self) -> None:
         self._flush_pending = False

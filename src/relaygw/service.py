@@ -139,8 +139,6 @@ class Gateway(Service):
                     while (batch := await self._reader.next()) is not None:
                         if not self.running:
                             return
-                        for queue_id, problem in batch.quarantined:
-                            self.spool.log_quarantined(queue_id, problem)
                         self.scheduler.resume(batch.envelopes)
                         count += len(batch.envelopes)
                         position += batch.count

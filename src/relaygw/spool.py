@@ -70,6 +70,12 @@ def new_queue_id() -> str:
     return f"{micros:013X}{next(_ids) % 4096:03X}{_random.getrandbits(12):03X}"
 
 
+def _is_entry_name(stem: str) -> bool:
+    """Letters, digits, '-' and '_' only: what relaygw's ids (and the ids of
+    hand-made test entries) are made of."""
+    return stem.isascii() and stem != "" and stem.replace("-", "").replace("_", "").isalnum()
+
+
 def is_queue_id(text: str) -> bool:
     return len(text) == 19 and all(c in "0123456789ABCDEF" for c in text)
 
@@ -152,6 +158,12 @@ class Spool:
         migrated = False
         for name in names:
             stem, _, suffix = name.rpartition(".")
+            if suffix in ("q", "msg", "env") and not _is_entry_name(stem):
+                # Not written by relaygw (ids are [0-9A-F]): left alone, never read
+                # as mail, and kept out of the start-up reader's line format.
+                self.log.warn("spool: {name!r} is not a queue file name; left alone",
+                              name=name)
+                continue
             if name.startswith("tmp-"):
                 self._unlink_quietly(self.directory / name)
             elif suffix == "env" and f"{stem}.q" not in names and f"{stem}.msg" not in names:
@@ -171,17 +183,13 @@ class Spool:
         return entries
 
     def load_entries(self, entries: list[tuple[str, bool]]) -> list[Envelope]:
-        """The envelopes of entries listed by ``scan`` (blocking); what
-        ``read_entries`` sets aside is logged."""
-        envelopes, quarantined = self.read_entries(entries)
-        for queue_id, problem in quarantined:
-            self.log_quarantined(queue_id, problem)
-        return envelopes
+        """The envelopes of entries listed by ``scan`` (blocking)."""
+        return self.read_entries(entries)[0]
 
     def read_entries(self, entries: list[tuple[str, bool]]
                      ) -> tuple[list[Envelope], list[tuple[str, str]]]:
         """The envelopes of entries listed by ``scan`` (blocking), and the entries
-        set aside, as (queue id, problem), for the caller to log.
+        set aside (and logged), as (queue id, problem).
 
         An entry whose envelope does not parse is set aside in ``corrupt/``,
         never deleted; one gone meanwhile is skipped. Any other OSError (EMFILE,
@@ -196,13 +204,15 @@ class Spool:
                 continue
             except ValueError as e:
                 quarantined.append((queue_id, str(e)))
-        self.quarantine([queue_id for queue_id, _ in quarantined])
+        self.quarantine(quarantined)
         return envelopes, quarantined
 
-    def quarantine(self, queue_ids: list[str]) -> None:
-        """Set entries aside in ``corrupt/`` (blocking)."""
-        for queue_id in queue_ids:
+    def quarantine(self, entries: list[tuple[str, str]]) -> None:
+        """Set entries aside in ``corrupt/`` (blocking), each logged as soon as it
+        is moved: an I/O error on the next one cannot leave one moved unsaid."""
+        for queue_id, problem in entries:
             self._quarantine(queue_id)
+            self.log_quarantined(queue_id, problem)
 
     def _quarantine(self, queue_id: str) -> None:
         """Keep an unreadable entry for the operator instead of deleting mail."""
@@ -412,18 +422,12 @@ def trailer_footer(envelope_length: int) -> bytes:
 def read_trailer(fd: int) -> bytes:
     """The committed envelope's JSON from the end of an open queue file.
 
-    A queue file under ``TRAILER_READ`` bytes (most, with small messages) is
-    read whole by one pread from its start, with no fstat; a longer one by one
-    read of its last ``TRAILER_READ`` bytes, which holds most envelopes whole.
-    Start-up reads every entry, so each system call saved counts. ValueError
-    if the file does not end in a well-formed trailer (damage, or a bare
+    One fstat, then one pread of the file's last ``TRAILER_READ`` bytes, which
+    holds most envelopes whole (start-up reads every entry). ValueError if
+    the file does not end in a well-formed trailer (damage, or a bare
     message): the caller quarantines it."""
-    tail = os.pread(fd, TRAILER_READ, 0)
-    if len(tail) < TRAILER_READ:
-        end = len(tail)
-    else:
-        end = os.fstat(fd).st_size
-        tail = os.pread(fd, TRAILER_READ, end - TRAILER_READ)
+    end = os.fstat(fd).st_size
+    tail = os.pread(fd, min(end, TRAILER_READ), end - min(end, TRAILER_READ))
     if end < FOOTER_SIZE:
         raise ValueError("queue file too short for an envelope trailer")
     footer = tail[-FOOTER_SIZE:]

@@ -118,7 +118,14 @@ class ChildReaderProtocol(ProcessProtocol):
         self._stderr = b""
 
     def connectionMade(self) -> None:
-        self.transport.write(encode_entries(self.entries))
+        try:
+            entries = encode_entries(self.entries)
+        except UnicodeEncodeError:  # scan() keeps such names out; never wait on a child
+            self.garbled = "could not be given the entries (a name that is not ASCII)"
+            self.transport.closeStdin()
+            self.transport.signalProcess("KILL")
+            return
+        self.transport.write(entries)
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
@@ -132,7 +139,10 @@ class ChildReaderProtocol(ProcessProtocol):
         for frame in frames:
             if not well_formed(frame):
                 self.garbled = f"sent unreadable output ({frame!r:.200})"
-                self.transport.signalProcess("KILL")
+                try:
+                    self.transport.signalProcess("KILL")
+                except ProcessExitedAlready:
+                    pass  # reaped before its output was all read: processEnded follows
                 return
             self.items.put(frame)
 
@@ -195,7 +205,7 @@ class ChildReader:
         batch = Batch(count, envelopes, damaged)
         if not damaged:
             return batch
-        set_aside = self._run_blocking(self._spool.quarantine, [i for i, _ in damaged])
+        set_aside = self._run_blocking(self._spool.quarantine, damaged)
         return set_aside.addCallback(lambda _: batch)
 
     def _how_it_ended(self, reason: Failure) -> str:
