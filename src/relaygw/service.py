@@ -125,13 +125,15 @@ class Gateway(Service):
         is never set aside for a problem of the machine's."""
         if not entries:
             return
-        self.log.info("spool: resuming {count} queued messages", count=len(entries))
+        in_child = (len(entries) >= CHILD_READER_MIN
+                    and IReactorProcess.providedBy(self.reactor))
+        self.log.info("spool: resuming {count} queued messages (read {where})",
+                      count=len(entries),
+                      where="by a child process" if in_child else "in the disk threads")
         self.scheduler.loading = {queue_id for queue_id, _ in entries}
         count = 0
         position = 0
         pause = 1.0
-        in_child = (len(entries) >= CHILD_READER_MIN
-                    and IReactorProcess.providedBy(self.reactor))
         try:
             while position < len(entries) and self.running:
                 try:
