@@ -310,6 +310,17 @@ def malformed_replies(lines: list[str]) -> list[str]:
 
 
 @contextmanager
+def log_events() -> Iterator[list[dict[str, Any]]]:
+    """Collect every twisted.logger event while the block runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+@contextmanager
 def logged_errors() -> Iterator[list[dict[str, Any]]]:
     """Collect every twisted.logger event with a failure or at level error or worse."""
     errors: list[dict[str, Any]] = []

@@ -18,7 +18,6 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
-    globalLogPublisher,
 )
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
@@ -35,6 +34,7 @@ from relaygw.logs import (
     stdout_observer,
 )
 from relaygw.scheduler import Event
+from support import log_events
 
 
 def reference_maillog() -> MailLog:
@@ -71,12 +71,8 @@ CALLS: list[tuple[str, Callable[[MailLog], None]]] = [
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    try:
+    with log_events() as seen:
         yield seen
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
 
 
 @pytest.mark.parametrize("call", [c for _, c in CALLS], ids=[name for name, _ in CALLS])

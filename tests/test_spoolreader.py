@@ -26,7 +26,7 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTer
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -49,6 +49,7 @@ from relaygw.spoolreader import (
     read_all,
     take_frames,
 )
+from support import log_events
 from test_service import ManualRunner, config_for, held_in_spool
 
 T = TypeVar("T")
@@ -119,12 +120,8 @@ def frames_of(data: bytes) -> list[Frame]:
 
 @pytest.fixture
 def logged() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with log_events() as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def lines(events: list[dict[str, Any]], level: LogLevel) -> list[str]:

@@ -34,22 +34,7 @@ from twisted.scripts.twistd import ServerOptions
 from relaygw import tap
 from relaygw.logs import TurnFlushedLog, classic_text, jsonLogger, stdout_observer
 from relaygw.tap import LoggingTo
-
-CONFIG = """
-[server]
-hostname = "relay.test"
-[[listener]]
-endpoint = "tcp:2525:interface=127.0.0.1"
-[queue]
-directory = "{spool}"
-[[route]]
-domains = ["src.test"]
-action = "local"
-maildir = "{mail}/{{domain}}/{{local}}"
-[[route]]
-domains = ["*"]
-action = "relay"
-"""
+from test_service import CONFIG
 
 EVENT: dict[str, Any] = {
     "text": "Q1: received from=<a@src.test>\nsecond line", "log_level": LogLevel.info,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from integration.tlsutil import IssuedCert, TestCA
 from relaygw import auth, replies
@@ -33,6 +33,7 @@ from support import (
     ManualRunner,
     Session,
     direct_runner,
+    log_events,
     make_gateway,
     malformed_replies,
     split_replies,
@@ -487,12 +488,8 @@ def test_unknown_user_costs_a_hash_too(tmp_path: Path) -> None:
 
 @pytest.fixture
 def all_log_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with log_events() as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def test_passwords_and_their_base64_are_never_logged(
