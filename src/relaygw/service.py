@@ -7,7 +7,6 @@ because twistd enters ``--rundir`` only after the service is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from relaygw.addresses import AddressError, parse_mailbox
 from relaygw.auth import Authenticator, UsersFileError, load_users
@@ -29,6 +26,7 @@ from relaygw.config import Config, ConfigError, load_config
 from relaygw.control import control_service
 from relaygw.delivery.maildir import MaildirDeliverer
 from relaygw.delivery.smtp import SMTPRelayDeliverer
+from relaygw.diskthreads import DiskThreads
 from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
@@ -43,25 +41,7 @@ from relaygw.spoolreader import ChildReader, Entry, ReaderFailed, SpoolReader, T
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
-DISK_THREADS = 32
 CHILD_READER_MIN = 2000  # queue entries from which start-up reads them in a child process
-
-
-class DiskThreads:
-    """The thread pool for blocking file work (fsync above all), off the reactor.
-
-    Its own pool, big enough that the commits of many concurrent sessions
-    reach the disk together (the file system batches concurrent fsyncs into
-    one journal commit). The gateway starts it first and stops it last, after
-    the work in flight at shutdown has been recorded.
-    """
-
-    def __init__(self, reactor: Any, size: int = DISK_THREADS) -> None:
-        self.reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="relaygw-disk")
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
 
 class Gateway(Service):
@@ -105,7 +85,7 @@ class Gateway(Service):
                 from None
         super().startService()
         if self.disk is not None:
-            self.disk.pool.start()
+            self.disk.start()
         self.spool.prepare()
         entries = self.spool.scan()  # before anything is received: temp files are stale
         self.scheduler.start()
@@ -209,7 +189,7 @@ class Gateway(Service):
                 if cut.active():
                     cut.cancel()
         if self.disk is not None:
-            self.disk.pool.stop()
+            self.disk.stop()
 
     def reload_tls(self) -> None:
         """Re-read certificate and key (and the users file): new sessions use them.
