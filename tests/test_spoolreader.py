@@ -257,7 +257,7 @@ def test_frames_split_anywhere_come_out_whole_and_in_order(frames: list[Frame],
 
 def test_a_frame_is_a_length_header_then_the_marshalled_tuple() -> None:
     """The header counts only the payload: the daemon waits for exactly that much."""
-    data = encode_frame((1, [("ID", b"{}", None)], None))
+    data = encode_frame((1, [("ID", b"{}", None)], None, []))
     (length,) = FRAME_HEADER.unpack_from(data)
     assert FRAME_HEADER.size == 4 and length == len(data) - 4
     assert take_frames(bytearray(data[:-1])) == []
@@ -277,8 +277,8 @@ def test_read_all_gives_raw_envelopes_problems_and_skips_removed_entries(
     spool.message_path(gone.id).unlink()  # removed between listing and reading
     out = io.BytesIO()
     assert read_all(spool, entries, out) == 0
-    [(count, records, error)] = frames_of(out.getvalue())
-    assert (count, error) == (3, None)  # the skipped entry is still counted as read
+    [(count, records, error, unreadable)] = frames_of(out.getvalue())
+    assert (count, error, unreadable) == (3, None, [])  # the gone entry is counted as read
     [(good_id, raw, problem), (damaged_id, none, trouble)] = records
     assert (good_id, problem) == (good.id, None)
     assert raw is not None and parse_envelope(raw) == good
@@ -296,10 +296,10 @@ def test_read_all_gives_the_rewritten_envelope_when_flagged(tmp_path: Path) -> N
     result_of(spool.save(envelope))
     [entry] = spool.scan()
     assert entry == (envelope.id, True)
-    [(_, [(_, raw, _)], _)] = frames_of(child_output(spool, [entry]))
+    [(_, [(_, raw, _)], _, _)] = frames_of(child_output(spool, [entry]))
     assert raw == spool.envelope_path(envelope.id).read_bytes()
     assert parse_envelope(raw).recipients[0].attempts == 3
-    [(_, [(_, trailer, _)], _)] = frames_of(child_output(spool, [(envelope.id, False)]))
+    [(_, [(_, trailer, _)], _, _)] = frames_of(child_output(spool, [(envelope.id, False)]))
     assert parse_envelope(trailer).recipients[0].attempts == 0  # the flag decides
 
 
@@ -310,9 +310,10 @@ def test_read_all_sends_one_frame_per_batch(tmp_path: Path,
     spool = make_spool(tmp_path)
     envelopes = queued(spool, 5)
     frames = frames_of(child_output(spool, spool.scan()))
-    assert [(count, len(records), error) for count, records, error in frames] == [
-        (2, 2, None), (2, 2, None), (1, 1, None)]
-    assert [r[0] for _, records, _ in frames for r in records] == sorted(
+    assert [(count, len(records), error, unreadable)
+            for count, records, error, unreadable in frames] == [
+        (2, 2, None, []), (2, 2, None, []), (1, 1, None, [])]
+    assert [r[0] for _, records, _, _ in frames for r in records] == sorted(
         e.id for e in envelopes)
 
 
@@ -336,7 +337,7 @@ def test_read_all_ends_with_an_error_frame_on_an_os_error(
     assert read_all(spool, spool.scan(), out) == 1
     first, last = frames_of(out.getvalue())
     assert first[0] == 2 and first[2] is None
-    assert last == (0, [], (errno.EMFILE, f"Too many open files: {failing}.q"))
+    assert last == (0, [], (errno.EMFILE, f"Too many open files: {failing}.q"), [])
 
 
 # --- the real child process ------------------------------------------------------------
@@ -355,7 +356,7 @@ def test_the_child_process_reads_what_read_entries_reads(tmp_path: Path) -> None
                           input=encode_entries(entries), capture_output=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stderr
-    records = [r for _, batch, _ in frames_of(done.stdout) for r in batch]
+    records = [r for _, batch, _, _ in frames_of(done.stdout) for r in batch]
     from_child = [parse_envelope(raw) for _, raw, _ in records if raw is not None]
     problems = [(queue_id, problem) for queue_id, raw, problem in records if raw is None]
     assert spool.read_entries(entries) == (from_child, problems)
@@ -449,7 +450,7 @@ def test_child_reader_quarantines_what_does_not_parse_through_run_blocking(
 def test_child_reader_raises_the_os_error_of_an_error_frame(tmp_path: Path) -> None:
     """The errno survives the pipe: the gateway pauses for EMFILE, not quarantines."""
     _, _, reader, child = start_child(tmp_path, 2)
-    child.send(encode_frame((0, [], (errno.EMFILE, "Too many open files: X.q"))))
+    child.send(encode_frame((0, [], (errno.EMFILE, "Too many open files: X.q"), [])))
     with pytest.raises(OSError) as caught:
         result_of(reader.next())
     assert caught.value.errno == errno.EMFILE
@@ -473,12 +474,14 @@ def test_child_reader_kills_a_child_whose_output_is_not_a_frame(tmp_path: Path) 
     assert child.transport.signals == ["KILL"]
 
 
-@pytest.mark.parametrize("frame", [42, (1, 2), (1, [("id", 3, None)], None),
-                                   (1, [], ("EMFILE", "x")), ("1", [], None)],
-                         ids=["int", "pair", "bad-record", "bad-error", "bad-count"])
+@pytest.mark.parametrize("frame", [42, (1, 2), (1, [], None), (1, [("id", 3, None)], None, []),
+                                   (1, [], ("EMFILE", "x"), []), ("1", [], None, []),
+                                   (1, [], None, [("id", 5)])],
+                         ids=["int", "pair", "three", "bad-record", "bad-error", "bad-count",
+                              "bad-unreadable"])
 def test_child_reader_kills_a_child_whose_frame_has_the_wrong_shape(
         tmp_path: Path, frame: object) -> None:
-    """A frame that decodes but is not (count, records, error) is unreadable output
+    """A frame that decodes but is not (count, records, error, unreadable) is unreadable output
     too: a ReaderFailed (the rest is read in threads), never an exception that would
     abandon the read-back."""
     _, _, reader, child = start_child(tmp_path, 2)
@@ -704,7 +707,7 @@ def test_an_error_frame_pauses_then_a_new_child_starts_at_the_same_batch(
     try:
         [first] = reactor.children
         first.send(encode_frame(frames_of(child_output(gateway.spool, first.entries()))[0]))
-        first.send(encode_frame((0, [], (errno.EMFILE, "Too many open files"))))
+        first.send(encode_frame((0, [], (errno.EMFILE, "Too many open files"), [])))
         assert len(reactor.children) == 1  # a pause first
         reactor.advance(0.5)
         first.end(ProcessTerminated(exitCode=1))  # the child stops after an error frame
@@ -812,3 +815,80 @@ def test_every_entry_set_aside_is_logged_even_when_the_next_move_fails(
     assert (spool.directory / "corrupt" / f"{first.id}.q").exists()
     errors = lines(logged, LogLevel.error)
     assert len(errors) == 1 and first.id in errors[0] and "corrupt/" in errors[0]
+
+
+# --- an entry that cannot be read for a reason of its own ---------------------------
+
+
+def directory_entry(spool: Spool) -> str:
+    """A directory where a queue file should be: reading it fails with EISDIR."""
+    queue_id = "0000000000000000D1R"
+    (spool.directory / f"{queue_id}.q").mkdir()
+    return queue_id
+
+
+def test_an_unreadable_entry_is_logged_and_left_and_the_rest_is_read(
+        tmp_path: Path, logged: list[dict[str, Any]]) -> None:
+    """EISDIR, EACCES... are about one file: retrying the batch would keep the whole
+    queue behind it forever. It is left where it is, logged, and not queued."""
+    spool = make_spool(tmp_path)
+    envelopes = queued(spool, 2)
+    odd = directory_entry(spool)
+    entries = spool.scan()
+    assert (odd, False) in entries
+    found, quarantined = spool.read_entries(entries)
+    assert sorted(e.id for e in found) == sorted(e.id for e in envelopes)
+    assert quarantined == []
+    assert (spool.directory / f"{odd}.q").is_dir()  # left in place, not in corrupt/
+    [error] = lines(logged, LogLevel.error)
+    assert odd in error and "Is a directory" in error and "left in place" in error
+
+
+def test_a_permission_problem_is_an_entry_problem_not_a_machine_problem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        logged: list[dict[str, Any]]) -> None:
+    """EACCES (a file left owned by another user) is skipped like EISDIR; EMFILE is
+    still raised for the whole batch to be tried again."""
+    spool = make_spool(tmp_path)
+    first, second = queued(spool, 2)
+    real = spool.read_raw_envelope
+
+    def read_raw_envelope(queue_id: str, rewritten: bool) -> bytes:
+        if queue_id == first.id:
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(queue_id, rewritten)
+
+    monkeypatch.setattr(spool, "read_raw_envelope", read_raw_envelope)
+    entries = spool.scan()
+    assert spool.read_entries(entries) == ([second], [])
+    assert any(first.id in line for line in lines(logged, LogLevel.error))
+
+    def machine_trouble(queue_id: str, rewritten: bool) -> bytes:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(spool, "read_raw_envelope", machine_trouble)
+    with pytest.raises(OSError):
+        spool.read_entries(entries)
+
+
+def test_the_child_reports_an_unreadable_entry_and_the_daemon_logs_it(
+        tmp_path: Path, logged: list[dict[str, Any]]) -> None:
+    """In the child the same entry goes into the frame's unreadable list (still
+    counted as read); the daemon logs it and loads the rest."""
+    spool = make_spool(tmp_path)
+    envelopes = queued(spool, 2)
+    odd = directory_entry(spool)
+    entries = spool.scan()
+    [(count, records, error, unreadable)] = frames_of(child_output(spool, entries))
+    assert (count, error) == (3, None) and len(records) == 2
+    assert unreadable == [(odd, "Is a directory")]
+    reactor = ProcessReactor()
+    reader = ChildReader(reactor, spool, sync_run, entries)
+    [child] = reactor.children
+    child.answer(spool)
+    batch = result_of(reader.next())
+    assert sorted(e.id for e in batch.envelopes) == sorted(e.id for e in envelopes)
+    assert batch.quarantined == []
+    [error_line] = lines(logged, LogLevel.error)
+    assert odd in error_line and "left in place" in error_line
+    assert (spool.directory / f"{odd}.q").is_dir()

@@ -53,6 +53,11 @@ from relaygw.envelope import Envelope
 T = TypeVar("T")
 BUFFER_LIMIT = 64 * 1024
 RECOVERY_BATCH = 1000  # entries read per trip to the thread pool at start-up
+# Errors reading an entry that are about that file, not the machine (EMFILE,
+# EIO...): the entry is left where it is and logged, and the rest of the queue
+# is read on; retrying would keep every later entry waiting behind it.
+ENTRY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP,
+                          errno.ENAMETOOLONG, errno.ENOTDIR})
 TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
 _ids = itertools.count()
 _random = random.Random()  # uniqueness, not secrecy: no syscall per id
@@ -192,7 +197,9 @@ class Spool:
         set aside (and logged), as (queue id, problem).
 
         An entry whose envelope does not parse is set aside in ``corrupt/``,
-        never deleted; one gone meanwhile is skipped. Any other OSError (EMFILE,
+        never deleted; one gone meanwhile is skipped; one that cannot be read
+        for a reason of its own (``ENTRY_ERRORS``: permissions, a directory...)
+        is logged and left in place, not queued. Any other OSError (EMFILE,
         EIO...) says nothing about the entry: it is raised for the caller to
         try the batch again, and good mail is never quarantined for it."""
         envelopes = []
@@ -204,6 +211,10 @@ class Spool:
                 continue
             except ValueError as e:
                 quarantined.append((queue_id, str(e)))
+            except OSError as e:
+                if e.errno not in ENTRY_ERRORS:
+                    raise
+                self.log_unreadable(queue_id, e.strerror or str(e))
         self.quarantine(quarantined)
         return envelopes, quarantined
 
@@ -222,6 +233,10 @@ class Spool:
             source = self.directory / f"{queue_id}{suffix}"
             if source.exists():
                 os.replace(source, corrupt / source.name)
+
+    def log_unreadable(self, queue_id: str, problem: str) -> None:
+        self.log.error("spool: {id} cannot be read ({problem}); left in place, not queued"
+                       " (fix it and restart)", id=queue_id, problem=problem)
 
     def log_quarantined(self, queue_id: str, problem: str) -> None:
         self.log.error("spool: {id} set aside in corrupt/: {problem}", id=queue_id,

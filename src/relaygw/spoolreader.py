@@ -12,12 +12,14 @@ The exchange, over the child's stdin and stdout:
 - the daemon writes the entries ``Spool.scan`` listed, one ``ID FLAG`` line
   each (FLAG ``1`` when an ``ID.env`` supersedes the trailer), and closes stdin;
 - the child answers one frame per batch of ``RECOVERY_BATCH`` entries: a
-  4-byte big-endian length, then, marshalled, ``(count, records, error)``:
-  ``count`` entries were read, ``records`` holds ``(id, raw envelope, None)``
-  for each entry still there, or ``(id, None, problem)`` for a damaged
-  trailer. An OSError (EMFILE, EIO...) is sent as ``error``, ``(errno,
-  text)``, and ends the child: the daemon pauses and starts a reader again at
-  that batch.
+  4-byte big-endian length, then, marshalled, ``(count, records, error,
+  unreadable)``: ``count`` entries were read, ``records`` holds ``(id, raw
+  envelope, None)`` for each entry still there, or ``(id, None, problem)`` for
+  a damaged trailer; ``unreadable`` holds ``(id, problem)`` for an entry that
+  cannot be read for a reason of its own (``spool.ENTRY_ERRORS``), which the
+  daemon logs and leaves in place. Any other OSError (EMFILE, EIO...) is sent
+  as ``error``, ``(errno, text)``, and ends the child: the daemon pauses and
+  starts a reader again at that batch.
 
 Plain bytes and marshal, not pickled envelopes: unpickling 100,000 envelopes
 costs the reactor about as much as parsing their JSON, and the child then has
@@ -45,11 +47,12 @@ from twisted.python.failure import Failure
 
 import relaygw
 from relaygw.envelope import Envelope
-from relaygw.spool import RECOVERY_BATCH, Spool, parse_envelope
+from relaygw.spool import ENTRY_ERRORS, RECOVERY_BATCH, Spool, parse_envelope
 
 Entry = tuple[str, bool]
 Record = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
-Frame = tuple[int, list[Record], tuple[int, str] | None]  # (count, records, error)
+# (count, records, error, unreadable)
+Frame = tuple[int, list[Record], tuple[int, str] | None, list[tuple[str, str]]]
 FRAME_HEADER = struct.Struct("!I")
 STDERR_KEPT = 2000  # bytes of the child's stderr kept for the log
 
@@ -188,9 +191,11 @@ class ChildReader:
             raise ReaderFailed(f"the spool reader process {self._how_it_ended(item.reason)}"
                                f" with {self._left} entries unread"
                                f"{': ' + stderr[-1] if stderr else ''}")
-        count, records, error = item
+        count, records, error, unreadable = item
         if error is not None:
             raise OSError(*error)
+        for queue_id, problem in unreadable:
+            self._spool.log_unreadable(queue_id, problem)
         envelopes = []
         damaged = []
         for queue_id, raw, problem in records:
@@ -246,11 +251,14 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def well_formed(frame: object) -> bool:
-    """Whether a decoded frame has the shape ``(count, records, error)``."""
-    if not (isinstance(frame, tuple) and len(frame) == 3):
+    """Whether a decoded frame has the shape ``(count, records, error, unreadable)``."""
+    if not (isinstance(frame, tuple) and len(frame) == 4):
         return False
-    count, records, error = frame
+    count, records, error, unreadable = frame
     return (isinstance(count, int) and isinstance(records, list)
+            and isinstance(unreadable, list)
+            and all(isinstance(u, tuple) and len(u) == 2 and isinstance(u[0], str)
+                    and isinstance(u[1], str) for u in unreadable)
             and all(isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], str)
                     and isinstance(r[1], bytes | None) and isinstance(r[2], str | None)
                     for r in records)
@@ -278,6 +286,7 @@ def read_all(spool: Spool, entries: list[Entry], out: BinaryIO) -> int:
     for start in range(0, len(entries), RECOVERY_BATCH):
         batch = entries[start:start + RECOVERY_BATCH]
         records: list[Record] = []
+        unreadable: list[tuple[str, str]] = []
         try:
             for queue_id, rewritten in batch:
                 try:
@@ -286,12 +295,16 @@ def read_all(spool: Spool, entries: list[Entry], out: BinaryIO) -> int:
                     continue  # removed meanwhile
                 except ValueError as e:
                     records.append((queue_id, None, str(e)))
+                except OSError as e:
+                    if e.errno not in ENTRY_ERRORS:
+                        raise
+                    unreadable.append((queue_id, e.strerror or str(e)))
         except OSError as e:
             text = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
-            out.write(encode_frame((0, [], (e.errno or errno.EIO, text))))
+            out.write(encode_frame((0, [], (e.errno or errno.EIO, text), [])))
             out.flush()
             return 1
-        out.write(encode_frame((len(batch), records, None)))
+        out.write(encode_frame((len(batch), records, None, unreadable)))
     out.flush()
     return 0
 
