@@ -145,3 +145,53 @@ def test_every_result_is_handed_back_exactly_once(size: int) -> None:
         assert reactor.calls.empty()
     finally:
         pool.stop()
+
+
+def test_a_job_refused_for_want_of_a_thread_never_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread can be started and none runs: the job is refused with the error and
+    never run later (a commit that ran after its session was told it failed would be
+    delivered twice); stop() still works."""
+    reactor = ThreadCalls()
+    pool = DiskThreads(reactor, size=2)
+    pool.start()
+    ran: list[str] = []
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    d = pool.run(ran.append, "commit")
+    failure = outcome(d)
+    assert isinstance(failure, Failure) and failure.check(RuntimeError)
+    assert pool._threads == [] and pool._unfinished == 0
+    monkeypatch.undo()
+    later = pool.run(ran.append, "later")
+    reactor.run_next()
+    outcome(later)
+    pool.stop()
+    assert ran == ["later"]
+
+
+def test_an_idle_thread_keeps_nothing_of_its_last_job() -> None:
+    """Arguments (an Incoming, a password to check) and results die with the job."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    reactor = ThreadCalls()
+    pool = DiskThreads(reactor, size=1)
+    pool.start()
+    try:
+        argument = Payload()
+        seen = weakref.ref(argument)
+        d = pool.run(lambda p: Payload(), argument)
+        reactor.run_next()
+        result = weakref.ref(outcome(d))
+        del argument, d
+        gc.collect()
+        assert seen() is None and result() is None
+    finally:
+        pool.stop()

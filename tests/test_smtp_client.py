@@ -10,6 +10,7 @@ real TCP endpoints of a MemoryReactorClock.
 from __future__ import annotations
 
 import base64
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,15 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
 from relaygw.config import Config, parse_config
+from relaygw.delivery import smtpclient
 from relaygw.delivery.smtp import SMTPRelayDeliverer, parse_ehlo
 from relaygw.delivery.smtpclient import (
     CHUNK_SIZE,
     DotStuffer,
+    MessageProducer,
     Reply,
     SMTPClientProtocol,
+    SMTPConnectionLost,
     SMTPProtocolError,
     SMTPTimeout,
     Timeouts,
@@ -682,9 +686,8 @@ def test_pipelining_sends_mail_rcpts_and_data_in_one_write(tmp_path: Path) -> No
     assert sent == (b"MAIL FROM:<alice@origin.test>\r\nRCPT TO:<a@example.test>\r\n"
                     b"RCPT TO:<b@example.test>\r\nDATA\r\n")
     assert dialog.server("250 2.1.0 Ok", "250 2.1.5 Ok", "550 5.1.1 no such user") == b""
-    # a message shorter than a chunk goes out at once with its dot, in one write
-    assert dialog.server("354 go ahead") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
-    assert len(dialog.transport.writes) == 1 and dialog.transport.producer is None
+    assert dialog.server("354 go ahead") == b""
+    assert dialog.stream() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
     assert not dialog.result.called
     assert dialog.server("250 2.0.0 Ok: queued") == b"QUIT\r\n"
     assert result_of(dialog.result) == [
@@ -699,7 +702,8 @@ def test_without_pipelining_each_command_waits_for_its_reply(tmp_path: Path) -> 
     assert dialog.server("250 Ok") == b"RCPT TO:<a@example.test>\r\n"
     assert dialog.server("450 4.2.0 greylisted") == b"RCPT TO:<b@example.test>\r\n"
     assert dialog.server("250 Ok") == b"DATA\r\n"
-    assert dialog.server("354 go") == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert dialog.server("354 go") == b""
+    dialog.stream()
     dialog.server("250 2.0.0 Ok")
     assert [r.status for r in result_of(dialog.result)] == [Status.DEFERRED, Status.DELIVERED]
 
@@ -803,3 +807,87 @@ def test_dot_stuffing_agrees_with_a_line_by_line_encoding(parts: list[bytes],
     content = b"".join(parts)
     assert stuffed(content, chunk) == reference_wire(content)
     assert stuffed(content) == reference_wire(content)
+
+
+# --- the one-write path of a short message ----------------------------------------------
+
+
+class Source(io.BytesIO):
+    """A message source whose reads may come back short before the end (a network
+    file system), and that may fail."""
+
+    def __init__(self, data: bytes, most: int | None = None, error: OSError | None = None):
+        super().__init__(data)
+        self.most = most
+        self.error = error
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        if self.most is not None and (n is None or n < 0 or n > self.most):
+            n = self.most
+        return super().read(n)
+
+
+def producer_on(transport: StringTransport, source: io.BytesIO,
+                monkeypatch: pytest.MonkeyPatch, takes: int | None) -> MessageProducer:
+    """A producer whose direct send() takes ``takes`` bytes (None: all of them)."""
+    monkeypatch.setattr(smtpclient, "send_directly",
+                        lambda t, data: len(data) if takes is None else min(takes, len(data)))
+    return MessageProducer(source, transport)
+
+
+def test_a_short_message_taken_whole_by_send_is_done_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    transport = StringTransport()
+    producer = producer_on(transport, io.BytesIO(b"a\r\n.b\r\n"), monkeypatch, None)
+    producer.start()
+    assert producer.done.called and transport.producer is None
+    assert transport.value() == b""  # all of it went by send(), none buffered
+
+
+def test_what_send_did_not_take_is_written_and_done_waits_for_the_drain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data-block timeout must keep watching until the transport has drained the
+    rest: done fires on the producer's next turn, not when the rest is buffered."""
+    transport = StringTransport()
+    producer = producer_on(transport, io.BytesIO(b"a\r\n.b\r\n"), monkeypatch, 3)
+    producer.start()
+    assert not producer.done.called and transport.producer is producer
+    producer.resumeProducing()  # on registration: the rest goes to the buffer
+    assert transport.value() == b"..b\r\n.\r\n"  # send() took "a\r\n"
+    assert not producer.done.called
+    producer.resumeProducing()  # the buffer drained
+    assert producer.done.called and transport.producer is None
+
+
+def test_a_short_read_before_the_end_is_not_taken_for_the_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read shorter than asked is no proof of the end on every file system: the whole
+    message goes out, then the dot."""
+    content = b"".join(b"line %04d\r\n" % n for n in range(300))
+    transport = StringTransport()
+    producer = producer_on(transport, Source(content, most=1000), monkeypatch, 0)
+    producer.start()
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+    assert transport.value() == content + b".\r\n"
+    assert producer.done.called
+
+
+def test_a_read_error_at_the_start_fails_the_delivery_instead_of_raising(
+        tmp_path: Path) -> None:
+    """EIO from the spool when the message is first read: send_message's Deferred
+    fails with it (the caller hears it); nothing raises out of it."""
+    proto = SMTPClientProtocol(Clock())
+    proto.makeConnection(StringTransport())
+    d = proto.send_message(Source(b"", error=OSError(5, "Input/output error")), 180)
+    failure: list[Failure] = []
+    d.addErrback(failure.append)
+    assert failure and failure[0].check(OSError)
+    assert proto._producer is None
+
+
+def test_connection_lost_says_what_was_lost() -> None:
+    assert str(SMTPConnectionLost("connection lost while sending the message")) == \
+        "connection lost while sending the message"

@@ -20,7 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 DISK_THREADS = 32
@@ -34,6 +35,8 @@ class DiskThreads:
     Threads are started as jobs need them (none while idle), and all of them
     live until ``stop``. Jobs queued before ``start`` run once it is called."""
 
+    log = Logger()
+
     def __init__(self, reactor: Any, size: int = DISK_THREADS) -> None:
         self.reactor = reactor
         self.size = size
@@ -43,16 +46,24 @@ class DiskThreads:
         self._started = False
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Threads are added before the job is queued: a job is either queued (and
+        will run) or refused with the error, never both."""
+        if self._started:
+            try:
+                self._add_threads(self._unfinished + 1)
+            except RuntimeError as e:  # "can't start new thread"
+                if not self._threads:
+                    return fail(e)
+                self.log.warn("disk threads: cannot start another ({error}); {count} do"
+                              " the work", error=e, count=len(self._threads))
         d: Deferred[Any] = Deferred()
         self._unfinished += 1
         self._jobs.put((fn, args, d))
-        if self._started:
-            self._add_threads()
         return d
 
     def start(self) -> None:
         self._started = True
-        self._add_threads()
+        self._add_threads(self._unfinished)
 
     def stop(self) -> None:
         """Let the jobs queued so far finish, then end the threads (blocking)."""
@@ -63,24 +74,28 @@ class DiskThreads:
             thread.join()
         self._threads.clear()
 
-    def _add_threads(self) -> None:
+    def _add_threads(self, jobs: int) -> None:
         """One thread per unfinished job, up to ``size``: a job never waits for a
-        thread while another could be started."""
-        while len(self._threads) < min(self._unfinished, self.size):
+        thread while another could be started. A thread is counted once started."""
+        while len(self._threads) < min(jobs, self.size):
             thread = threading.Thread(target=self._work, daemon=True,
                                       name=f"relaygw-disk-{len(self._threads)}")
-            self._threads.append(thread)
             thread.start()
+            self._threads.append(thread)
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fn, args, d = job
-            try:
-                result = fn(*args)
-            except BaseException:
-                self.reactor.callFromThread(self._finished, d, Failure())
-            else:
-                self.reactor.callFromThread(self._finished, d, result)
+            self._run(*job)
+            del job  # an idle thread keeps nothing of its last job alive
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], d: Deferred[Any]) -> None:
+        """One job; its arguments, result and Deferred die with this frame."""
+        try:
+            result = fn(*args)
+        except BaseException:
+            self.reactor.callFromThread(self._finished, d, Failure())
+        else:
+            self.reactor.callFromThread(self._finished, d, result)
 
     def _finished(self, d: Deferred[Any], result: Any) -> None:
         self._unfinished -= 1

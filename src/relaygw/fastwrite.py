@@ -21,20 +21,23 @@ from typing import Any
 from twisted.internet import tcp
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, sending at once when the transport allows it."""
+def send_directly(transport: Any, data: bytes) -> int:
+    """How much of ``data`` ``send()`` took at once: 0 where the transport does not
+    allow the shortcut (see above) or the socket would block or failed (Twisted's
+    own write path then reports the error, in order). Nothing is buffered here."""
     if (type(transport) is not tcp.Server and type(transport) is not tcp.Client) or (
             transport.TLS or not transport.connected or transport._writeDisconnected
             or transport.disconnecting or getattr(transport, "_aborting", False)
             or transport.dataBuffer or transport._tempDataBuffer):
-        transport.write(data)
-        return
+        return 0
     try:
-        sent = transport.socket.send(data)
-    except BlockingIOError:
-        sent = 0
-    except OSError:
-        transport.write(data)  # Twisted's own write path reports the error in order
-        return
+        return int(transport.socket.send(data))
+    except OSError:  # BlockingIOError included
+        return 0
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sending at once when the transport allows it."""
+    sent = send_directly(transport, data)
     if sent < len(data):
         transport.write(data[sent:])

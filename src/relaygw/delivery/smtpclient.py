@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relaygw.fastwrite import write_now
+from relaygw.fastwrite import send_directly, write_now
 
 CHUNK_SIZE = 64 * 1024
 
@@ -53,10 +53,11 @@ class SMTPConnectionLost(ConnectionLost):
 
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(None, message)
+        self.message = message
         self.reason = reason or message
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "connection lost"
+        return self.message or "connection lost"
 
 
 class SMTPProtocolError(Exception):
@@ -158,29 +159,52 @@ class MessageProducer:
         self._stuffer = DotStuffer()
         self.done: Deferred[None] = Deferred()
         self._finished = False
-        self._first: bytes | None = None  # the chunk start() read, not yet written
+        self._read_ahead: deque[bytes] = deque()  # chunks start() read, not yet encoded
+        self._unsent = b""  # the one write's part that send() did not take
+        self._dot_queued = False  # the final dot is written (or in _unsent)
 
     def start(self) -> None:
-        """A message shorter than a chunk (most mail) goes out in one write with
-        its final dot, sent at once (``write_now``): no producer, no two turns of
-        the reactor and two ``epoll_ctl`` calls for what fits the socket buffer."""
+        """A message shorter than a chunk (most mail) is sent with its final dot by
+        one ``send()`` when the socket takes it all: no producer, no two turns of
+        the reactor and two ``epoll_ctl`` calls. Otherwise the producer writes the
+        rest, and ``done`` fires only once the transport has drained it, as for a
+        long message, so the data-block timeout still watches a stalled peer."""
         first = self._source.read(self._chunk_size)
-        if len(first) < self._chunk_size:  # a short read: the end of the file
-            self._finished = True
-            write_now(self._transport, self._stuffer.encode(first) + self._stuffer.finish())
-            if self._on_progress is not None:
-                self._on_progress()
-            self.done.callback(None)
-            return
-        self._first = first
+        if len(first) < self._chunk_size:
+            more = self._source.read(self._chunk_size)  # b"" at the end: a short read is
+            if not more:                                # no proof of it on every file system
+                data = self._stuffer.encode(first) + self._stuffer.finish()
+                sent = send_directly(self._transport, data)
+                if self._on_progress is not None:
+                    self._on_progress()
+                if sent == len(data):
+                    self._finished = True
+                    self.done.callback(None)
+                    return
+                self._unsent = data[sent:]
+                self._dot_queued = True
+            else:
+                self._read_ahead.extend((first, more))
+        else:
+            self._read_ahead.append(first)
         self._transport.registerProducer(self, False)  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
         if self._finished:
             return
-        chunk = self._first
-        if chunk is not None:
-            self._first = None
+        if self._unsent:
+            data, self._unsent = self._unsent, b""
+            self._transport.write(data)  # type: ignore[attr-defined]
+            if self._on_progress is not None:
+                self._on_progress()
+            return
+        if self._dot_queued:  # and drained: Twisted asks for more only then
+            self._finished = True
+            self._transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.done.callback(None)
+            return
+        if self._read_ahead:
+            chunk = self._read_ahead.popleft()
         else:
             chunk = self._source.read(self._chunk_size)
         if chunk:
@@ -358,7 +382,10 @@ class SMTPClientProtocol(Protocol):
 
         producer.done.addBoth(finished)
         self._progress_made()
-        producer.start()
+        try:
+            producer.start()
+        except Exception as e:  # the spool read failed (EIO...): the caller hears it
+            producer.fail(e)
         return producer.done
 
     def _progress_made(self) -> None:
