@@ -59,6 +59,7 @@ RECOVERY_BATCH = 1000  # entries read per trip to the thread pool at start-up
 ENTRY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP,
                           errno.ENAMETOOLONG, errno.ENOTDIR})
 TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
+RawRecord = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
 _ids = itertools.count()
 _random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
@@ -197,26 +198,39 @@ class Spool:
         set aside (and logged), as (queue id, problem).
 
         An entry whose envelope does not parse is set aside in ``corrupt/``,
-        never deleted; one gone meanwhile is skipped; one that cannot be read
-        for a reason of its own (``ENTRY_ERRORS``: permissions, a directory...)
-        is logged and left in place, not queued. Any other OSError (EMFILE,
-        EIO...) says nothing about the entry: it is raised for the caller to
-        try the batch again, and good mail is never quarantined for it."""
-        envelopes = []
-        quarantined = []
+        never deleted; the rest as ``read_raw_entries`` says."""
+        records, unreadable = self.read_raw_entries(entries)
+        for queue_id, problem in unreadable:
+            self.log_unreadable(queue_id, problem)
+        envelopes, damaged = parse_records(records)
+        self.quarantine(damaged)
+        return envelopes, damaged
+
+    def read_raw_entries(self, entries: list[tuple[str, bool]]
+                         ) -> tuple[list[RawRecord], list[tuple[str, str]]]:
+        """The stored envelopes of entries listed by ``scan`` (blocking), unparsed:
+        records ``(id, raw, None)``, or ``(id, None, problem)`` for a damaged
+        trailer; and the entries that cannot be read for a reason of their own
+        (``ENTRY_ERRORS``: permissions, a directory...) as (id, problem), to be
+        logged and left in place. One gone meanwhile is skipped. Any other OSError
+        (EMFILE, EIO...) says nothing about the entry: it is raised for the caller
+        to try the batch again, and good mail is never set aside for it.
+
+        Both start-up readers use it: the disk threads and the child process."""
+        records: list[RawRecord] = []
+        unreadable: list[tuple[str, str]] = []
         for queue_id, rewritten in entries:
             try:
-                envelopes.append(self._read_envelope(queue_id, rewritten))
+                records.append((queue_id, self.read_raw_envelope(queue_id, rewritten), None))
             except FileNotFoundError:
                 continue
             except ValueError as e:
-                quarantined.append((queue_id, str(e)))
+                records.append((queue_id, None, str(e)))
             except OSError as e:
                 if e.errno not in ENTRY_ERRORS:
                     raise
-                self.log_unreadable(queue_id, e.strerror or str(e))
-        self.quarantine(quarantined)
-        return envelopes, quarantined
+                unreadable.append((queue_id, e.strerror or str(e)))
+        return records, unreadable
 
     def quarantine(self, entries: list[tuple[str, str]]) -> None:
         """Set entries aside in ``corrupt/`` (blocking), each logged as soon as it
@@ -414,6 +428,22 @@ class Spool:
 
 
 # --- the queue file's trailer ------------------------------------------------------
+
+
+def parse_records(records: list[RawRecord]) -> tuple[list[Envelope], list[tuple[str, str]]]:
+    """The envelopes of ``read_raw_entries`` records, and the damaged ones as
+    (id, problem): a trailer that was not there, or JSON that is no envelope."""
+    envelopes = []
+    damaged = []
+    for queue_id, raw, problem in records:
+        if raw is not None:
+            try:
+                envelopes.append(parse_envelope(raw))
+                continue
+            except ValueError as e:
+                problem = str(e)
+        damaged.append((queue_id, problem or "unreadable"))
+    return envelopes, damaged
 
 
 def parse_envelope(raw: bytes) -> Envelope:

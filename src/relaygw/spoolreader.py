@@ -47,12 +47,11 @@ from twisted.python.failure import Failure
 
 import relaygw
 from relaygw.envelope import Envelope
-from relaygw.spool import ENTRY_ERRORS, RECOVERY_BATCH, Spool, parse_envelope
+from relaygw.spool import RECOVERY_BATCH, RawRecord, Spool, parse_records
 
 Entry = tuple[str, bool]
-Record = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
 # (count, records, error, unreadable)
-Frame = tuple[int, list[Record], tuple[int, str] | None, list[tuple[str, str]]]
+Frame = tuple[int, list[RawRecord], tuple[int, str] | None, list[tuple[str, str]]]
 FRAME_HEADER = struct.Struct("!I")
 STDERR_KEPT = 2000  # bytes of the child's stderr kept for the log
 
@@ -196,16 +195,7 @@ class ChildReader:
             raise OSError(*error)
         for queue_id, problem in unreadable:
             self._spool.log_unreadable(queue_id, problem)
-        envelopes = []
-        damaged = []
-        for queue_id, raw, problem in records:
-            if raw is not None:
-                try:
-                    envelopes.append(parse_envelope(raw))
-                    continue
-                except ValueError as e:
-                    problem = str(e)
-            damaged.append((queue_id, problem or "unreadable"))
+        envelopes, damaged = parse_records(records)
         self._left -= count
         batch = Batch(count, envelopes, damaged)
         if not damaged:
@@ -285,20 +275,8 @@ def read_all(spool: Spool, entries: list[Entry], out: BinaryIO) -> int:
     """The child's work: every batch out as a frame; the exit status."""
     for start in range(0, len(entries), RECOVERY_BATCH):
         batch = entries[start:start + RECOVERY_BATCH]
-        records: list[Record] = []
-        unreadable: list[tuple[str, str]] = []
         try:
-            for queue_id, rewritten in batch:
-                try:
-                    records.append((queue_id, spool.read_raw_envelope(queue_id, rewritten), None))
-                except FileNotFoundError:
-                    continue  # removed meanwhile
-                except ValueError as e:
-                    records.append((queue_id, None, str(e)))
-                except OSError as e:
-                    if e.errno not in ENTRY_ERRORS:
-                        raise
-                    unreadable.append((queue_id, e.strerror or str(e)))
+            records, unreadable = spool.read_raw_entries(batch)
         except OSError as e:
             text = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
             out.write(encode_frame((0, [], (e.errno or errno.EIO, text), [])))

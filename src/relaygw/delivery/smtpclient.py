@@ -175,8 +175,7 @@ class MessageProducer:
             if not more:                                # no proof of it on every file system
                 data = self._stuffer.encode(first) + self._stuffer.finish()
                 sent = send_directly(self._transport, data)
-                if self._on_progress is not None:
-                    self._on_progress()
+                self._progressed()
                 if sent == len(data):
                     self._finished = True
                     self.done.callback(None)
@@ -195,8 +194,7 @@ class MessageProducer:
         if self._unsent:
             data, self._unsent = self._unsent, b""
             self._transport.write(data)  # type: ignore[attr-defined]
-            if self._on_progress is not None:
-                self._on_progress()
+            self._progressed()
             return
         if self._dot_queued:  # and drained: Twisted asks for more only then
             self._finished = True
@@ -214,11 +212,14 @@ class MessageProducer:
             self._finished = True
         if data:
             self._transport.write(data)  # type: ignore[attr-defined]
-        if self._on_progress is not None:
-            self._on_progress()
+        self._progressed()
         if self._finished:
             self._transport.unregisterProducer()  # type: ignore[attr-defined]
             self.done.callback(None)
+
+    def _progressed(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress()
 
     def stopProducing(self) -> None:
         self.fail(SMTPConnectionLost("connection lost while sending the message"))
