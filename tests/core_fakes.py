@@ -7,6 +7,7 @@ records what happened, so tests assert on outcomes rather than on calls.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,11 +28,18 @@ def sync_run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return maybeDeferred(fn, *args)
 
 
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux), once garbage
+    (spools of earlier tests, closing their directory) has been collected."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
 class FailingOS:
-    """Stands in for ``os`` in a Spool: ``open``/``write``/``fsync``/``rename`` raise
+    """Stands in for ``os`` in a Spool: ``open``/``write``/``fsync``/``rename``/``link`` raise
     ``OSError(ENOSPC)`` on the ``fail_at``-th counted call (counting only once armed)."""
 
-    COUNTED = ("open", "write", "fsync", "rename")
+    COUNTED = ("open", "write", "fsync", "rename", "link")
 
     def __init__(self, fail_at: int | None = None, error: int = errno.ENOSPC) -> None:
         self.fail_at = fail_at
@@ -57,6 +65,9 @@ class FailingOS:
 
     def rename(self, *args: Any) -> None:
         return self._call("rename", *args)
+
+    def link(self, *args: Any, **kwargs: Any) -> None:
+        return self._call("link", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)

@@ -22,6 +22,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from core_fakes import open_fds
 from relaygw import replies
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
 from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
@@ -526,6 +527,7 @@ def test_client_gone_during_commit(tmp_path: Path) -> None:
     """The message was complete: it is queued, though nobody hears the 250."""
     runner = ManualRunner()
     gateway = make_gateway(tmp_path, run_blocking=runner)
+    fds = open_fds()
     session = greet(gateway)
     # the client pipelined a second transaction behind the first, then left
     session.send(transaction(b"hello\r\n") + f"{MAIL}\r\n{RCPT}\r\nDATA\r\nhalf".encode())
@@ -537,18 +539,21 @@ def test_client_gone_during_commit(tmp_path: Path) -> None:
     assert len(gateway.accepted_envelopes) == 1
     # what was pipelined behind is not run for nobody: no file is left open
     assert not [n for n in gateway.files() if n.startswith("tmp-")]
+    assert open_fds() == fds
     assert gateway.clock.getDelayedCalls() == []
 
 
 @pytest.mark.parametrize("size", [10, 100_000], ids=["small", "over the write buffer"])
 def test_client_gone_during_data(gateway: FakeGateway, size: int) -> None:
+    fds = open_fds()
     session = greet(gateway)
     assert session.send(f"{MAIL}\r\n{RCPT}\r\nDATA\r\n".encode())[-1] == replies.START_DATA
     session.send(b"Subject: x\r\n\r\n" + (b"x" * 98 + b"\r\n") * (size // 100) + b"half")
-    if size > 65536:  # what the spool has written so far is on disk
-        assert [n for n in gateway.files() if n.startswith("tmp-")]
+    # what the spool has written so far is on disk, in a file still unnamed
+    assert open_fds() == fds + (size > 65536)
     session.lose()
     assert_nothing_queued(gateway)
+    assert open_fds() == fds
 
 
 # --- size --------------------------------------------------------------------------

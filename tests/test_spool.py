@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from core_fakes import FailingOS, recipient, sync_run
+from core_fakes import FailingOS, open_fds, recipient, sync_run
 from relaygw.envelope import Envelope, RecipientState
 from relaygw.spool import (
     BUFFER_LIMIT,
@@ -29,10 +29,49 @@ from relaygw.spool import (
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
 
 
-def make_spool(directory: Path, os_module: object = os) -> Spool:
+def make_spool(directory: Path, os_module: object = os, unnamed: bool | None = None) -> Spool:
+    """A prepared spool; ``unnamed`` False forces the named temp file path (the
+    fallback where the kernel or /proc gives no unnamed files)."""
     spool = Spool(directory, sync_run, os_module)
+    spool.unnamed_files = unnamed
     spool.prepare()
     return spool
+
+
+# Both ways of writing a new message: an unnamed file named at commit, and the
+# fallback, a tmp-ID file renamed.
+both_ways = pytest.mark.parametrize("unnamed", [True, False],
+                                    ids=["unnamed file", "named temp file"])
+
+
+def test_this_machine_gives_unnamed_files(tmp_path: Path) -> None:
+    """The check finds O_TMPFILE and /proc here (Linux, ext4 or tmpfs), and leaves
+    nothing behind; if it did not, the fast path would go untested."""
+    spool = make_spool(tmp_path / "spool")
+    assert spool.unnamed_files is True
+    assert names(spool.directory) == []
+
+
+def test_no_unnamed_files_without_o_tmpfile(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("relaygw.spool.O_TMPFILE", 0)
+    spool = make_spool(tmp_path / "spool")
+    assert spool.unnamed_files is False
+    envelope, outcome = commit(spool)
+    assert outcome is None
+    assert spool.read_message(envelope.id) == MESSAGE
+
+
+def test_no_unnamed_files_when_they_cannot_be_named(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /proc (a chroot, a container without it): the link fails, the spool
+    falls back to temp files and leaves no probe behind."""
+    def no_proc(*args: Any, **kwargs: Any) -> None:
+        raise FileNotFoundError(errno.ENOENT, "no /proc")
+    monkeypatch.setattr("relaygw.spool.os.link", no_proc)
+    spool = make_spool(tmp_path / "spool")
+    assert spool.unnamed_files is False
+    assert names(spool.directory) == []
 
 
 def result_of(d: Deferred[object]) -> object:
@@ -55,9 +94,6 @@ def commit(spool: Spool, data: bytes = MESSAGE, **fields: object) -> tuple[Envel
 def names(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_queue_ids() -> None:
@@ -97,18 +133,27 @@ def test_commit_of_a_message_bigger_than_the_buffer(tmp_path: Path) -> None:
     assert envelope.size == len(data)
 
 
-def test_permissions(tmp_path: Path) -> None:
+@both_ways
+def test_permissions(tmp_path: Path, unnamed: bool) -> None:
     directory = tmp_path / "deep" / "spool"
-    spool = make_spool(directory)
-    commit(spool)
+    spool = make_spool(directory, unnamed=unnamed)
+    envelope, _ = commit(spool)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert names(directory) == [f"{envelope.id}.q"]
     for name in names(directory):
         assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    fds = open_fds()
     incoming = spool.open_incoming()
     incoming.write(b"x" * BUFFER_LIMIT)  # a big message reaches the disk while received
-    assert stat.S_IMODE(incoming.temp_path.stat().st_mode) == 0o600
+    assert incoming.fd is not None
+    assert os.fstat(incoming.fd).st_size == BUFFER_LIMIT
+    assert stat.S_IMODE(os.fstat(incoming.fd).st_mode) == 0o600
+    assert incoming.named is not unnamed
+    assert names(directory) == [f"{envelope.id}.q"] + (
+        [] if unnamed else [incoming.temp_path.name])
     spool.discard(incoming)
-    assert names(directory) == [n for n in names(directory) if not n.startswith("tmp-")]
+    assert names(directory) == [f"{envelope.id}.q"]
+    assert open_fds() == fds
 
 
 def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
@@ -119,18 +164,23 @@ def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
-def test_discard_leaves_nothing(tmp_path: Path) -> None:
-    spool = make_spool(tmp_path / "spool")
+@both_ways
+@pytest.mark.parametrize("size", [7, BUFFER_LIMIT + 7], ids=["buffered", "on disk"])
+def test_discard_leaves_nothing(tmp_path: Path, unnamed: bool, size: int) -> None:
+    spool = make_spool(tmp_path / "spool", unnamed=unnamed)
+    fds = open_fds()
     incoming = spool.open_incoming()
-    incoming.write(b"partial")
+    incoming.write(b"x" * size)
+    assert (incoming.fd is not None) is (size > BUFFER_LIMIT)
     spool.discard(incoming)
     spool.discard(incoming)  # twice is harmless
     assert names(spool.directory) == []
+    assert open_fds() == fds
 
 
-def count_commit_calls(tmp_path: Path) -> list[str]:
+def count_commit_calls(tmp_path: Path, unnamed: bool) -> list[str]:
     fake = FailingOS()
-    spool = make_spool(tmp_path / "dry-run", fake)
+    spool = make_spool(tmp_path / "dry-run", fake, unnamed=unnamed)
     incoming = spool.open_incoming()
     incoming.write(MESSAGE)
     fake.armed = True
@@ -140,19 +190,22 @@ def count_commit_calls(tmp_path: Path) -> list[str]:
     return fake.calls
 
 
-def test_commit_makes_every_step_durable(tmp_path: Path) -> None:
-    calls = count_commit_calls(tmp_path)
+@both_ways
+def test_commit_makes_every_step_durable(tmp_path: Path, unnamed: bool) -> None:
+    calls = count_commit_calls(tmp_path, unnamed)
     # the queue file created (lazily, in the commit), message and envelope trailer
-    # written and fsynced; one rename; the directory fsynced
-    assert calls == ["open", "write", "fsync", "rename", "fsync"]
+    # written and fsynced; named (a link, or a rename of the temp file); the
+    # directory fsynced
+    assert calls == ["open", "write", "fsync", "link" if unnamed else "rename", "fsync"]
 
 
-def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path) -> None:
-    steps = count_commit_calls(tmp_path)
+@both_ways
+def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, unnamed: bool) -> None:
+    steps = count_commit_calls(tmp_path, unnamed)
     for step in range(1, len(steps) + 1):
         directory = tmp_path / f"fail-at-{step}"
         fake = FailingOS(fail_at=step)
-        spool = make_spool(directory, fake)
+        spool = make_spool(directory, fake, unnamed=unnamed)
         fds = open_fds()
         incoming = spool.open_incoming()
         incoming.write(MESSAGE)
@@ -168,11 +221,13 @@ def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path) -> None:
         assert names(directory) == [], where
         assert open_fds() == fds, f"file descriptor leaked when {where}"
         assert list(spool.recover()) == [], where
+        spool.close()
 
 
-def test_failure_while_receiving_is_reported_at_once(tmp_path: Path) -> None:
+@both_ways
+def test_failure_while_receiving_is_reported_at_once(tmp_path: Path, unnamed: bool) -> None:
     fake = FailingOS(fail_at=1)
-    spool = make_spool(tmp_path / "spool", fake)
+    spool = make_spool(tmp_path / "spool", fake, unnamed=unnamed)
     incoming = spool.open_incoming()
     fake.armed = True
     with pytest.raises(OSError) as caught:
