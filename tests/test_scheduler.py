@@ -557,3 +557,18 @@ def test_flushes_leave_no_idle_attempts_behind(h: Harness) -> None:
     assert saves == attempts
     assert len(attempts) == len(set(attempts))
     assert len(h.clock.getDelayedCalls()) == 1
+
+
+def test_the_cached_copy_lasts_until_the_first_attempt_ends(h: Harness) -> None:
+    """Kept for the attempt made at once, dropped when the message is deferred (its
+    next attempt is a while away) or removed once delivered."""
+    h.relay.script["a@dst.test"] = [DEFER]
+    deferred = h.queue("a@dst.test")
+    delivered = h.queue("b@dst.test")
+    assert h.spool.cache.get(deferred.id) is not None
+    assert h.spool.cache.get(delivered.id) is not None
+    h.advance()
+    assert [e.kind for e in h.events] == ["deferred", "delivered"]
+    assert h.spool.cache.get(deferred.id) is None
+    assert h.spool.cache.get(delivered.id) is None
+    assert h.spool.cache.size == 0

@@ -44,6 +44,7 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import Answer, Hop, NextHopResolver, NXDomain, lookup_failed
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer, Status
+from relaygw.messagecache import MessageCache
 
 MX_PORT = 2525
 DEFAULT_TIMEOUTS = Timeouts()
@@ -432,6 +433,29 @@ def test_delivers_all_recipients_in_one_transaction(tmp_path: Path) -> None:
         "EHLO relay.example.test", "MAIL FROM:<alice@origin.test> SIZE=23",
         "RCPT TO:<bob@example.test>", "RCPT TO:<carol@example.test>", "DATA", "QUIT"]
     assert world.server.messages == [b"Subject: hi\r\n\r\nHello.\r\n.\r\n"]
+
+
+def test_a_cached_message_is_sent_from_memory(tmp_path: Path) -> None:
+    """The spool's copy of a message just committed stands in for its queue file:
+    here there is no file at all, so only the cache can have given the text."""
+    world = InMemory()
+    cache = MessageCache()
+    world.deliverer.messages = cache
+    content = b"Subject: from memory\r\n\r\n.dot\r\n"
+    env = envelope("bob@example.test", size=len(content))
+    cache.put(env.id, content)
+    results = world.deliver(env, tmp_path / "no-such-queue-file")
+    assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX1)]
+    assert world.server.messages == [b"Subject: from memory\r\n\r\n..dot\r\n.\r\n"]
+
+
+def test_without_a_cached_copy_a_missing_queue_file_defers(tmp_path: Path) -> None:
+    world = InMemory()
+    world.deliverer.messages = MessageCache()  # empty: the file is read, and is not there
+    [result] = world.deliver(envelope("bob@example.test"), tmp_path / "no-such-queue-file")
+    assert result.status is Status.DEFERRED
+    assert result.reply.startswith("451 4.3.0 Cannot read the queued message")
+    assert world.factory.servers == []  # found out before any connection
 
 
 def test_dots_and_line_ends_reach_the_server_exactly(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from core_fakes import FailingOS, open_fds, recipient, sync_run
@@ -419,6 +419,99 @@ def test_remove(tmp_path: Path) -> None:
     assert names(spool.directory) == [f"{other.id}.q"]
     assert result_of(spool.remove(envelope.id)) is None  # already gone: fine
     assert [e.id for e in spool.recover()] == [other.id]
+
+
+class HeldRunner:
+    """A disk-thread stand-in that runs jobs when the test says: removals asked for
+    meanwhile must join the waiting batch."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, fn: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((fn, args, d))
+        return d
+
+    def run_next(self) -> None:
+        fn, args, d = self.jobs.pop(0)
+        try:
+            result = fn(*args)
+        except Exception:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+
+def test_removals_asked_for_together_share_one_disk_job(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    entries = [commit(spool)[0] for _ in range(4)]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    fired: list[str] = []
+    for envelope in entries[:3]:
+        spool.remove(envelope.id).addCallback(lambda _, i=envelope.id: fired.append(i))
+    assert len(runner.jobs) == 1
+    assert fired == []  # not before the files are gone
+    assert len(names(spool.directory)) == 4
+    runner.run_next()
+    assert fired == [e.id for e in entries[:3]]
+    assert names(spool.directory) == [f"{entries[3].id}.q"]
+    assert runner.jobs == []
+
+
+def test_a_removal_asked_for_after_the_batch_was_taken_gets_its_own(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    first, second = commit(spool)[0], commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    fired: list[str] = []
+    spool.remove(first.id).addCallback(lambda _: fired.append(first.id))
+    fn, args, d = runner.jobs.pop(0)
+    result = fn(*args)  # the thread has taken the batch...
+    spool.remove(second.id).addCallback(lambda _: fired.append(second.id))
+    assert runner.jobs == []  # ...and the new one waits for it to report
+    d.callback(result)
+    assert fired == [first.id]
+    assert len(runner.jobs) == 1
+    runner.run_next()
+    assert fired == [first.id, second.id]
+    assert names(spool.directory) == []
+
+
+def test_a_refused_removal_job_fails_every_waiting_removal(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope = commit(spool)[0]
+    refusal = RuntimeError("can't start new thread")
+    spool.run_blocking = lambda fn, *args: fail(refusal)
+    outcome = result_of(spool.remove(envelope.id))
+    assert isinstance(outcome, Failure) and outcome.value is refusal
+    assert names(spool.directory) == [f"{envelope.id}.q"]  # nothing removed, and said so
+    spool.run_blocking = sync_run
+    assert result_of(spool.remove(envelope.id)) is None  # the next one is tried afresh
+    assert names(spool.directory) == []
+
+
+def test_an_error_removing_one_entry_fails_only_its_removal(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    spool = make_spool(tmp_path / "spool")
+    bad, good = commit(spool)[0], commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    real_remove = spool._remove
+
+    def remove(queue_id: str) -> None:
+        if queue_id == bad.id:
+            raise ValueError("unexpected")
+        real_remove(queue_id)
+    monkeypatch.setattr(spool, "_remove", remove)
+    outcomes = [spool.remove(bad.id), spool.remove(good.id)]
+    runner.run_next()
+    results = [result_of(d) for d in outcomes]
+    assert isinstance(results[0], Failure) and results[0].check(ValueError)
+    assert results[1] is None
+    assert names(spool.directory) == [f"{bad.id}.q"]
 
 
 def test_envelope_round_trip_keeps_every_field() -> None:

@@ -563,6 +563,7 @@ class Scheduler:
         for recipient, destination in routed:
             state = self._destinations[destination]
             self._park(envelope, recipient, _Suspended(state.dead_until, state.last_error))
+        self.spool.cache.discard(envelope.id)  # its next attempt is a while away
         self._push(envelope)
         return True
 
@@ -656,6 +657,7 @@ class Scheduler:
             self.log.error("spool: cannot record the attempt for {id}: {error}",
                            id=envelope.id, error=e)
         if envelope.pending:
+            self.spool.cache.discard(envelope.id)  # its next attempt is a while away
             self._push(envelope)
             self._arm()
 

@@ -31,6 +31,7 @@ from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
 from relaygw.logs import MailLog
+from relaygw.messagecache import MessageCache
 from relaygw.metrics import GatewayMetrics, metrics_site
 from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
@@ -61,7 +62,7 @@ class Gateway(Service):
         self.connections = ConnectionLimiter()
         self.spool = Spool(config.queue.directory, run_blocking)
         if deliverers is None:
-            deliverers = default_deliverers(config, reactor, run_blocking)
+            deliverers = default_deliverers(config, reactor, run_blocking, self.spool.cache)
         self.run_blocking = run_blocking
         self.resumed: Deferred[None] = succeed(None)  # start-up's read of the spool
         self._reader: SpoolReader | None = None  # while it runs
@@ -363,14 +364,16 @@ def _read_headers(spool: Spool, envelope: Envelope) -> bytes:
         return header_block(message.read(MAX_QUOTED_HEADERS + 4))
 
 
-def default_deliverers(config: Config, reactor: Any,
-                       run_blocking: BlockingRunner) -> dict[str, IDeliverer]:
+def default_deliverers(config: Config, reactor: Any, run_blocking: BlockingRunner,
+                       messages: MessageCache | None = None) -> dict[str, IDeliverer]:
     return {"local": MaildirDeliverer(config.hostname, run_blocking),
-            "relay": relay_deliverer(config, reactor)}
+            "relay": relay_deliverer(config, reactor, messages)}
 
 
-def relay_deliverer(config: Config, reactor: Any) -> IDeliverer:
-    return SMTPRelayDeliverer(config, reactor, build_resolver(config.dns, reactor))
+def relay_deliverer(config: Config, reactor: Any,
+                    messages: MessageCache | None = None) -> IDeliverer:
+    return SMTPRelayDeliverer(config, reactor, build_resolver(config.dns, reactor),
+                              messages=messages)
 
 
 def build_service(config: Config, reactor: Any,

@@ -34,6 +34,7 @@ QUITs the idle ones at shutdown.
 from __future__ import annotations
 
 import base64
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
+from relaygw.messagecache import MessageCache
 from relaygw.routing import Router
 from relaygw.spool import MessageFile
 
@@ -227,14 +229,18 @@ class SMTPRelayDeliverer:
                  hostname: str | None = None, *, timeouts: Timeouts = DEFAULT_TIMEOUTS,
                  connect: Connector | None = None, reuse: Reuse = "demand",
                  idle_timeout: float = IDLE_TIMEOUT,
-                 max_idle_per_hop: int = MAX_IDLE_PER_HOP) -> None:
+                 max_idle_per_hop: int = MAX_IDLE_PER_HOP,
+                 messages: MessageCache | None = None) -> None:
         """``reactor`` provides IReactorTCP and IReactorTime (a MemoryReactorClock in tests).
 
         ``connect`` replaces the TCP connection to a hop (tests); by default a
         TCP4/TCP6 client endpoint on ``reactor``. ``reuse`` says when a clean
         session is parked for the next message (see the module docstring).
+        ``messages`` holds the text of messages just committed (the spool's
+        cache): one found there is sent from memory instead of its queue file.
         """
         self.config = config
+        self.messages = messages
         self._reactor = reactor
         self._resolver = resolver
         self._hostname = hostname or config.hostname
@@ -331,7 +337,8 @@ class SMTPRelayDeliverer:
         policy: TLSPolicy = (route.tls if route is not None and route.tls is not None
                              else self.config.relay.tls)
         try:
-            os.stat(message_path)  # a queue file gone missing defers before any connection
+            if self.messages is None or self.messages.get(envelope.id) is None:
+                os.stat(message_path)  # a queue file gone missing defers before any connection
         except OSError as e:
             return _all(recipients, DeliveryResult.deferred(
                 f"451 4.3.0 Cannot read the queued message: {e.strerror or e}"))
@@ -646,12 +653,17 @@ class _Session:
 
     async def _send_message(self) -> Reply | Exception:
         try:
-            with MessageFile(self.message_path, self.envelope.size) as source:
+            with self._open_message() as source:
                 await self.proto.send_message(source, self.t.data_block)
             return await self.proto.expect(self.t.data_end, "the end of data")
         except (*SESSION_ERRORS, OSError) as e:
             self.proto.abort()
             return e
+
+    def _open_message(self) -> MessageFile | io.BytesIO:
+        cache = self.deliverer.messages
+        cached = None if cache is None else cache.open(self.envelope.id)
+        return cached or MessageFile(self.message_path, self.envelope.size)
 
     def _check(self, *replies: Reply | Exception) -> None:
         """A missing reply or a 421 (closing) leaves the session unfit for another MAIL."""

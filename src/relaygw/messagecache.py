@@ -1,0 +1,54 @@
+"""The bodies of recently committed small messages, kept in memory for relaying.
+
+A message under the spool's write buffer (64 KiB) is whole in memory when it
+is committed. Keeping it until its first attempt spares the reactor thread a
+stat, an open, a read and a close of the file it has just written. The cache
+is bounded by bytes (oldest out first), and a message leaves it when it is
+removed or deferred: a deferred message's next attempt is minutes away, and
+the cache is for the common case, a message relayed at once.
+
+The disk stays the truth: a message is only cached after its commit, and
+what is cached is exactly the message part of its queue file, which is never
+rewritten (envelope rewrites go to ``ID.env``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+
+DEFAULT_LIMIT = 16 * 1024 * 1024  # bytes of message text held at most
+
+
+class MessageCache:
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        self.limit = limit
+        self.size = 0  # bytes held
+        self._messages: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def put(self, queue_id: str, message: bytes) -> None:
+        """Keep ``message``, dropping the oldest entries to stay under the limit."""
+        if len(message) > self.limit:
+            return
+        self.discard(queue_id)
+        self._messages[queue_id] = message
+        self.size += len(message)
+        while self.size > self.limit:
+            _, dropped = self._messages.popitem(last=False)
+            self.size -= len(dropped)
+
+    def get(self, queue_id: str) -> bytes | None:
+        return self._messages.get(queue_id)
+
+    def open(self, queue_id: str) -> io.BytesIO | None:
+        """The cached message as a file to read, or None when it is not cached."""
+        message = self._messages.get(queue_id)
+        return None if message is None else io.BytesIO(message)
+
+    def discard(self, queue_id: str) -> None:
+        message = self._messages.pop(queue_id, None)
+        if message is not None:
+            self.size -= len(message)
