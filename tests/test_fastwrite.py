@@ -6,11 +6,13 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from relaygw.fastwrite import write_now
+from relaygw.fastwrite import lose_connection, write_now
 
 
 class Collect(Protocol):
@@ -71,3 +73,69 @@ class WriteNowTests(TestCase):
         transport = StringTransport()
         write_now(transport, b"220 hello\r\n")
         self.assertEqual(transport.value(), b"220 hello\r\n")
+
+
+class Closing(Protocol):
+    """The sending side: records when and why its connection was lost."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[tuple[Failure, bool]] = Deferred()
+        self.inside_call = False
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback((reason, self.inside_call))
+
+
+class LoseConnectionTests(TestCase):
+    async def connected_pair(self) -> tuple[Closing, Collect]:
+        server = Collect()
+        server_lost: Deferred[tuple[Failure]] = Deferred()
+        server.connectionLost = (  # type: ignore[method-assign]
+            lambda reason: server_lost.callback((reason,)))
+        server.lost = server_lost  # type: ignore[attr-defined]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: server))
+        self.addCleanup(port.stopListening)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Closing))
+        self.addCleanup(client.transport.abortConnection)
+        return client, server
+
+    async def test_closes_on_the_next_turn_without_watching_for_writability(self) -> None:
+        client, server = await self.connected_pair()
+        client.inside_call = True
+        write_now(client.transport, b"221 2.0.0 Bye\r\n")
+        lose_connection(client.transport)
+        self.assertNotIn(client.transport, reactor.getWriters())
+        self.assertNotIn(client.transport, reactor.getReaders())
+        self.assertFalse(client.lost.called)  # not inside the protocol's own call
+        client.inside_call = False
+        reason, inside = await client.lost
+        self.assertFalse(inside)
+        self.assertTrue(reason.check(ConnectionDone))
+        [peer_reason] = await server.lost  # type: ignore[attr-defined]
+        self.assertTrue(peer_reason.check(ConnectionDone))  # a FIN, not a reset
+        self.assertEqual(server.data, b"221 2.0.0 Bye\r\n")
+
+    async def test_buffered_data_goes_out_before_the_close(self) -> None:
+        client, server = await self.connected_pair()
+        big = b"x" * (8 * 1024 * 1024)  # more than the socket takes at once
+        client.transport.write(big)
+        lose_connection(client.transport)  # Twisted's own way: flush, then close
+        [peer_reason] = await server.lost  # type: ignore[attr-defined]
+        self.assertTrue(peer_reason.check(ConnectionDone))
+        self.assertEqual(len(server.data), len(big))
+
+    async def test_a_write_after_it_still_arrives_before_the_close(self) -> None:
+        client, server = await self.connected_pair()
+        write_now(client.transport, b"221 first\r\n")
+        lose_connection(client.transport)
+        client.transport.write(b"late\r\n")  # before the next turn: buffered by Twisted
+        [peer_reason] = await server.lost  # type: ignore[attr-defined]
+        self.assertTrue(peer_reason.check(ConnectionDone))
+        self.assertEqual(server.data, b"221 first\r\nlate\r\n")
+
+    def test_other_transports_get_a_plain_lose_connection(self) -> None:
+        transport = StringTransport()
+        lose_connection(transport)
+        self.assertTrue(transport.disconnecting)

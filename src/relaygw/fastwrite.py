@@ -8,6 +8,10 @@ line, on every line of every session. ``write_now`` tries ``send()`` first
 when nothing is queued ahead of the data and hands Twisted only what did not
 go, so ordering and flow control stay Twisted's.
 
+``lose_connection`` does the same for the close after a final reply: with
+nothing left in Twisted's buffer, it closes on the next turn instead of
+registering for writability to find the buffer empty.
+
 Only a plain TCP connection (``twisted.internet.tcp.Connection``, TLS not
 started, not closing or aborted) takes the shortcut; anything else (TLS, a
 wrapper, a test transport, a connection on its way out) gets a plain
@@ -18,17 +22,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
+
+
+def _shortcut_allowed(transport: Any) -> bool:
+    """A plain TCP connection, open, with nothing queued in Twisted's buffer."""
+    return not ((type(transport) is not tcp.Server and type(transport) is not tcp.Client) or (
+        transport.TLS or not transport.connected or transport._writeDisconnected
+        or transport.disconnecting or getattr(transport, "_aborting", False)
+        or transport.dataBuffer or transport._tempDataBuffer))
 
 
 def send_directly(transport: Any, data: bytes) -> int:
     """How much of ``data`` ``send()`` took at once: 0 where the transport does not
     allow the shortcut (see above) or the socket would block or failed (Twisted's
     own write path then reports the error, in order). Nothing is buffered here."""
-    if (type(transport) is not tcp.Server and type(transport) is not tcp.Client) or (
-            transport.TLS or not transport.connected or transport._writeDisconnected
-            or transport.disconnecting or getattr(transport, "_aborting", False)
-            or transport.dataBuffer or transport._tempDataBuffer):
+    if not _shortcut_allowed(transport):
         return 0
     try:
         return int(transport.socket.send(data))
@@ -41,3 +51,25 @@ def write_now(transport: Any, data: bytes) -> None:
     sent = send_directly(transport, data)
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def lose_connection(transport: Any) -> None:
+    """``transport.loseConnection()``, without its trip through writability when
+    nothing is buffered: reading stops now, and the socket is closed (orderly, a
+    FIN after what was sent) on the reactor's next turn, outside the protocol's
+    own call. Saves two ``epoll_ctl`` and a loop turn per closed session."""
+    if not _shortcut_allowed(transport) or transport.producer is not None:
+        transport.loseConnection()
+        return
+    transport.stopReading()
+    transport.disconnecting = True  # what loseConnection marks: no shortcut writes now
+    transport.reactor.callLater(0, _close_if_flushed, transport)
+
+
+def _close_if_flushed(transport: Any) -> None:
+    if not transport.connected:
+        return  # lost meanwhile (reset by the peer, aborted): Twisted has said so
+    if transport.dataBuffer or transport._tempDataBuffer:
+        transport.startWriting()  # written meanwhile: Twisted's way, close once flushed
+        return
+    transport.connectionLost(Failure(main.CONNECTION_DONE))

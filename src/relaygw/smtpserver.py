@@ -39,7 +39,7 @@ from relaygw.auth import Authenticator, decode_base64, parse_plain
 from relaygw.config import Config
 from relaygw.datareader import DataError, DataReader
 from relaygw.envelope import Envelope, Recipient
-from relaygw.fastwrite import write_now
+from relaygw.fastwrite import lose_connection, write_now
 from relaygw.logs import MailLog
 from relaygw.routing import Refusal, Router
 from relaygw.spool import Incoming, Spool
@@ -214,7 +214,7 @@ class SMTPServerProtocol(Protocol):
         self.reply(text)
         self._flush_replies()
         self.closing = True
-        self.transport.loseConnection()
+        lose_connection(self.transport)
 
     def _restart_timer(self) -> None:
         timeout = self.config.limits.command_timeout
