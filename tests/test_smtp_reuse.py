@@ -206,14 +206,47 @@ def test_a_refused_rset_falls_back_to_a_new_connection_to_the_same_hop(
     assert world.delivered(envelope("b@example.test"), path) == [
         DeliveryResult.delivered(QUEUED, MX1)]
     first, second = world.servers
-    assert first.commands[-2:] == ["RSET", "QUIT"]
+    # RSET went in one write with the transaction (PIPELINING); its refusal
+    # aborted the session before any of the message was sent
+    assert verbs(first)[-4:] == ["RSET", "MAIL", "RCPT", "DATA"]
+    assert len(first.messages) == 1  # the first delivery's, nothing more
+    assert first.closed.called
     assert verbs(second) == ["EHLO", "MAIL", "RCPT", "DATA"]
+    assert len(second.messages) == 1
+
+
+def test_without_pipelining_rset_is_waited_for_before_mail(tmp_path: Path) -> None:
+    world = World(ReuseScript(rset="421 4.4.2 mx.example.test idle too long",
+                              extensions=["SIZE 1000000"]), ReuseScript())
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    assert world.delivered(envelope("b@example.test"), path) == [
+        DeliveryResult.delivered(QUEUED, MX1)]
+    first, second = world.servers
+    assert first.commands[-2:] == ["RSET", "QUIT"]  # no MAIL after the refused RSET
+    assert verbs(second) == ["EHLO", "MAIL", "RCPT", "DATA"]
+
+
+def test_a_reused_session_sends_rset_with_the_transaction(tmp_path: Path) -> None:
+    """One write, one round trip: RSET, MAIL, RCPT and DATA arrive together."""
+    world = World()
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    server = world.servers[0]
+    writes: list[bytes] = []
+    real = server.dataReceived
+    server.dataReceived = lambda data: (writes.append(data), real(data))  # type: ignore
+    world.delivered(envelope("b@example.test"), path)
+    assert writes[0] == (b"RSET\r\nMAIL FROM:<alice@origin.test> SIZE=23\r\n"
+                         b"RCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert world.connections == 1
 
 
 def test_an_unanswered_rset_times_out_and_falls_back(tmp_path: Path) -> None:
     world = World(ReuseScript(rset=None), ReuseScript(), timeouts=Timeouts(rset=20))
     path = message(tmp_path)
     world.delivered(envelope("a@example.test"), path)
+    world.servers[0].reply = lambda *args: None  # type: ignore[method-assign] # hung: silent
     d = world.deliver(envelope("b@example.test"), path)
     world.advance(19)
     assert not d.called
