@@ -167,3 +167,33 @@ def test_while_the_queue_is_read_back_commands_are_told_to_wait_and_io_errors_re
         assert not (tmp_path / "spool" / "corrupt").exists()
     finally:
         gateway.stopService()
+
+
+class RecordingDisk:
+    """Stands in for DiskThreads at shutdown: records when it is stopped."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_shutdown_lets_a_last_removal_reach_the_disk_before_the_threads_stop(
+        tmp_path: Path) -> None:
+    """A delete asked for at the last moment is still queued for the disk threads
+    when shutdown begins: they are stopped only once it is done."""
+    [queued] = held_in_spool(tmp_path, 1)
+    reactor = MemoryReactorClock()
+    runner = ManualRunner()
+    disk = RecordingDisk()
+    gateway = Gateway(config_for(tmp_path), reactor, runner, deliverers={},
+                      disk=disk)  # type: ignore[arg-type]
+    gateway.spool.prepare()
+    removed = gateway.spool.remove(queued.id)
+    stopped = gateway.stopService()
+    assert not disk.stopped and not stopped.called
+    runner.run_next()  # the removal's job
+    assert removed.called
+    assert disk.stopped and stopped.called
+    assert not gateway.spool.message_path(queued.id).exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.python.failure import Failure
 
 from core_fakes import FailingOS, open_fds, recipient, sync_run
@@ -512,6 +512,59 @@ def test_an_error_removing_one_entry_fails_only_its_removal(tmp_path: Path,
     assert isinstance(results[0], Failure) and results[0].check(ValueError)
     assert results[1] is None
     assert names(spool.directory) == [f"{bad.id}.q"]
+
+
+def test_a_removal_asked_for_from_a_removals_callback_never_runs_a_second_job(
+        tmp_path: Path) -> None:
+    """The scheduler's operator lock runs the next delete from the callback of the
+    last one: it must join the queue, not start a job beside the running one."""
+    spool = make_spool(tmp_path / "spool")
+    first, second = commit(spool)[0], commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    lock = DeferredLock()
+    outcomes = [lock.run(spool.remove, first.id), lock.run(spool.remove, second.id)]
+    assert len(runner.jobs) == 1
+    runner.run_next()
+    assert len(runner.jobs) == 1  # the second delete's, after the first job reported
+    runner.run_next()
+    assert runner.jobs == []
+    assert [result_of(d) for d in outcomes] == [None, None]
+    assert names(spool.directory) == []
+    assert result_of(spool.removals_finished()) is None
+
+
+def test_removals_finished_waits_for_the_batch_in_flight(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    assert result_of(spool.removals_finished()) is None  # nothing under way
+    envelope = commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    spool.remove(envelope.id)
+    finished = spool.removals_finished()
+    assert not finished.called
+    runner.run_next()
+    assert result_of(finished) is None
+    assert names(spool.directory) == []
+
+
+def test_a_commit_never_replaces_an_entry_of_the_same_name(tmp_path: Path) -> None:
+    """Ids are unique by construction; should one ever be taken, naming the new
+    (unnamed) file fails, since linkat does not replace, and the entry already
+    there stays whole."""
+    spool = make_spool(tmp_path / "spool", unnamed=True)
+    existing, _ = commit(spool, b"first\r\n")
+    incoming = spool.open_incoming()
+    incoming.id = existing.id
+    incoming.write(b"second\r\n")
+    envelope = Envelope(id=existing.id, sender="", recipients=[recipient("a@b.test")],
+                        received=0.0)
+    fds = open_fds()
+    outcome = result_of(spool.commit(incoming, envelope))
+    assert isinstance(outcome, Failure) and outcome.value.errno == errno.EEXIST
+    assert spool.read_message(existing.id) == b"first\r\n"
+    assert names(spool.directory) == [f"{existing.id}.q"]
+    assert open_fds() == fds  # the unnamed file made by the commit, closed
 
 
 def test_envelope_round_trip_keeps_every_field() -> None:

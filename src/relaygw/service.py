@@ -189,6 +189,15 @@ class Gateway(Service):
                     pass
                 if cut.active():
                     cut.cancel()
+        removals = self.spool.removals_finished()  # a last delete still unlinks
+        cut = self.reactor.callLater(max(0.5, deadline - self.reactor.seconds()),
+                                     removals.cancel)
+        try:
+            await removals
+        except CancelledError:
+            pass
+        if cut.active():
+            cut.cancel()
         if self.disk is not None:
             self.disk.stop()
 

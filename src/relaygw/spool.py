@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -161,7 +161,8 @@ class Spool:
         self._directory_fd: int | None = None
         self.cache = MessageCache()  # small messages just committed, for relaying
         self._removals: deque[tuple[str, Deferred[None]]] = deque()
-        self._removing = False  # a removal batch is queued or running
+        self._removing = False  # a removal batch is queued, running or being handed out
+        self._settled_waiters: list[Deferred[None]] = []
         self._directory_fd_lock = threading.Lock()
         # Whether new messages are unnamed files (O_TMPFILE); None: not yet checked.
         self.unnamed_files: bool | None = None
@@ -333,8 +334,9 @@ class Spool:
     # --- receiving -------------------------------------------------------------
 
     def open_incoming(self) -> Incoming:
-        """A new message; its id is unique by construction (time, counter, random)
-        and the O_EXCL creation of its file checks it."""
+        """A new message; its id is unique by construction (time, counter, random),
+        and naming its file checks it (``linkat`` fails on a name taken; for a
+        temp file, its O_EXCL creation)."""
         return Incoming(self, new_queue_id())
 
     def _create(self, path: Path) -> int:
@@ -371,6 +373,7 @@ class Spool:
 
     def _commit(self, incoming: Incoming, envelope_bytes: bytes) -> None:
         final = self.message_path(incoming.id)
+        named = False  # ID.q is this commit's: only then may a failure remove it
         try:
             incoming.seal(envelope_bytes)
             self.os.fsync(incoming.fd)
@@ -378,9 +381,12 @@ class Spool:
                 incoming.closed = True
                 self.os.close(incoming.fd)
                 self.os.rename(incoming.temp_path, final)
+                named = True
             else:
+                # linkat never replaces a name: EEXIST if the id were taken
                 self.os.link(f"/proc/self/fd/{incoming.fd}", f"{incoming.id}.q",
                              dst_dir_fd=self._directory_descriptor())
+                named = True
                 incoming.closed = True
                 self.os.close(incoming.fd)
             self._fsync_directory()
@@ -389,7 +395,8 @@ class Spool:
                 incoming.closed = True
                 if incoming.fd is not None:
                     self._close_quietly(incoming.fd)
-            self._unlink_quietly(final)
+            if named:
+                self._unlink_quietly(final)
             if incoming.named:
                 self._unlink_quietly(incoming.temp_path)
             raise
@@ -432,34 +439,59 @@ class Spool:
         return d
 
     def _remove_waiting(self) -> list[tuple[Deferred[None], Failure | None]]:
-        """Unlink every entry waiting for removal (in a disk thread)."""
+        """Unlink every entry waiting for removal (in a disk thread; one such job
+        at a time, for ``_removing`` stays set until its results are handed out)."""
         done: list[tuple[Deferred[None], Failure | None]] = []
-        while self._removals:
-            queue_id, d = self._removals.popleft()
+        while True:
+            try:
+                queue_id, d = self._removals.popleft()
+            except IndexError:
+                return done
             try:
                 self._remove(queue_id)
             except Exception:
                 done.append((d, Failure()))
             else:
                 done.append((d, None))
-        return done
 
     def _removed(self, result: list[tuple[Deferred[None], Failure | None]] | Failure) -> None:
-        self._removing = False
+        """Hand out a batch's results (reactor thread). ``_removing`` stays set while
+        they are: a callback that removes again (the scheduler's operator lock
+        runs the next delete from the last one's callback) only joins the queue,
+        and no second job ever drains it alongside this one."""
         if isinstance(result, Failure):  # the job was refused (no thread): fail them all
             waiting = [d for _, d in self._removals]
             self._removals.clear()
+            self._removing = False
             for d in waiting:
                 d.errback(result)
+            self._removals_settled()
             return
         for d, failure in result:
             if failure is None:
                 d.callback(None)
             else:
                 d.errback(failure)
-        if self._removals:  # asked for after the batch was taken
-            self._removing = True
+        if self._removals:  # asked for after the batch was taken, or by a callback
             self.run_blocking(self._remove_waiting).addBoth(self._removed)
+        else:
+            self._removing = False
+            self._removals_settled()
+
+    def removals_finished(self) -> Deferred[None]:
+        """Fires once no removal is waiting or running: shutdown waits for it
+        before stopping the disk threads, so a removal asked for at the last
+        moment is not left queued for threads that have gone."""
+        if not self._removing:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settled_waiters.append(d)
+        return d
+
+    def _removals_settled(self) -> None:
+        waiters, self._settled_waiters = self._settled_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _remove(self, queue_id: str) -> None:
         # The queue file first: an ID.env left alone by a crash is no entry.

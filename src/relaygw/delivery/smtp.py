@@ -21,16 +21,17 @@ per key. The next delivery to that hop sends RSET on it and, if it answers
 cached session that is gone or fails its RSET is dropped and a fresh one
 opened, at no cost to the attempt. Where the server offers PIPELINING, the
 RSET goes in one write with MAIL, RCPT and DATA (as KumoMTA does), and a
-refused RSET aborts the session before any of the message is sent. With ``reuse="demand"`` (the default,
-Postfix's on-demand connection cache) a session is parked only when the
-scheduler says more mail for its destination is ready (``IBacklogAware``),
-or when the destination has steady traffic: the delivery before this one
-started less than ``idle_timeout`` ago, so the next one is likely to come
-while the session waits (mail arriving one message at a time from several
-clients never builds a backlog, and would otherwise pay a connection, a
-greeting and EHLO per message). A lone message still ends with QUIT at
-once; ``"always"`` parks every clean session, ``"never"`` none. ``close()``
-QUITs the idle ones at shutdown.
+refused RSET aborts the session before any of the message is sent.
+
+With ``reuse="demand"`` (the default, Postfix's on-demand connection cache)
+a session is parked only when the scheduler says more mail for its
+destination is ready (``IBacklogAware``), or when the destination has steady
+traffic: the delivery before this one started less than ``idle_timeout``
+ago, so the next one is likely to come while the session waits (mail
+arriving one message at a time from several clients never builds a backlog,
+and would otherwise pay a connection, a greeting and EHLO per message). A
+lone message still ends with QUIT at once; ``"always"`` parks every clean
+session, ``"never"`` none. ``close()`` QUITs the idle ones at shutdown.
 """
 
 from __future__ import annotations
