@@ -22,7 +22,6 @@ from relaygw.spool import (
     TRAILER_READ,
     Spool,
     is_queue_id,
-    names_made_durable_by_file_fsync,
     new_queue_id,
     trailer_footer,
 )
@@ -30,30 +29,19 @@ from relaygw.spool import (
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
 
 
-def make_spool(directory: Path, os_module: object = os, unnamed: bool | None = None,
-               names_first: bool | None = None) -> Spool:
+def make_spool(directory: Path, os_module: object = os, unnamed: bool | None = None) -> Spool:
     """A prepared spool; ``unnamed`` False forces the named temp file path (the
-    fallback where the kernel or /proc gives no unnamed files); ``names_first``
-    whether a new file is named before its fsync (ext4, XFS, btrfs) or after,
-    with the directory fsynced (elsewhere); None: as the machine says."""
+    fallback where the kernel or /proc gives no unnamed files)."""
     spool = Spool(directory, sync_run, os_module)
     spool.unnamed_files = unnamed
-    spool.file_fsync_names = names_first
     spool.prepare()
     return spool
 
 
-# Every way of writing a new message: an unnamed file named then fsynced (no
-# directory fsync), an unnamed file fsynced then named (directory fsynced),
-# and the fallback, a tmp-ID file renamed.
-WAYS = {"named then fsynced": (True, True), "fsynced then named": (True, False),
-        "temp file renamed": (False, False)}
-every_way = pytest.mark.parametrize("way", list(WAYS))
-
-
-def spool_for(way: str, directory: Path, os_module: object = os) -> Spool:
-    unnamed, names_first = WAYS[way]
-    return make_spool(directory, os_module, unnamed=unnamed, names_first=names_first)
+# Both ways of writing a new message: an unnamed file named at commit, and the
+# fallback, a tmp-ID file renamed.
+both_ways = pytest.mark.parametrize("unnamed", [True, False],
+                                    ids=["unnamed file", "named temp file"])
 
 
 def test_this_machine_gives_unnamed_files(tmp_path: Path) -> None:
@@ -145,11 +133,10 @@ def test_commit_of_a_message_bigger_than_the_buffer(tmp_path: Path) -> None:
     assert envelope.size == len(data)
 
 
-@every_way
-def test_permissions(tmp_path: Path, way: str) -> None:
+@both_ways
+def test_permissions(tmp_path: Path, unnamed: bool) -> None:
     directory = tmp_path / "deep" / "spool"
-    spool = spool_for(way, directory)
-    unnamed = spool.unnamed_files
+    spool = make_spool(directory, unnamed=unnamed)
     envelope, _ = commit(spool)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert names(directory) == [f"{envelope.id}.q"]
@@ -177,10 +164,10 @@ def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
-@every_way
+@both_ways
 @pytest.mark.parametrize("size", [7, BUFFER_LIMIT + 7], ids=["buffered", "on disk"])
-def test_discard_leaves_nothing(tmp_path: Path, way: str, size: int) -> None:
-    spool = spool_for(way, tmp_path / "spool")
+def test_discard_leaves_nothing(tmp_path: Path, unnamed: bool, size: int) -> None:
+    spool = make_spool(tmp_path / "spool", unnamed=unnamed)
     fds = open_fds()
     incoming = spool.open_incoming()
     incoming.write(b"x" * size)
@@ -191,9 +178,9 @@ def test_discard_leaves_nothing(tmp_path: Path, way: str, size: int) -> None:
     assert open_fds() == fds
 
 
-def count_commit_calls(tmp_path: Path, way: str) -> list[str]:
+def count_commit_calls(tmp_path: Path, unnamed: bool) -> list[str]:
     fake = FailingOS()
-    spool = spool_for(way, tmp_path / "dry-run", fake)
+    spool = make_spool(tmp_path / "dry-run", fake, unnamed=unnamed)
     incoming = spool.open_incoming()
     incoming.write(MESSAGE)
     fake.armed = True
@@ -203,26 +190,22 @@ def count_commit_calls(tmp_path: Path, way: str) -> list[str]:
     return fake.calls
 
 
-@pytest.mark.parametrize(("way", "expected"), [
-    # named, then one fsync commits data and name together
-    ("named then fsynced", ["open", "write", "link", "fsync"]),
-    # data fsynced, named, the directory fsynced
-    ("fsynced then named", ["open", "write", "fsync", "link", "fsync"]),
-    ("temp file renamed", ["open", "write", "fsync", "rename", "fsync"]),
-])
-def test_commit_makes_every_step_durable(tmp_path: Path, way: str, expected: list[str]) -> None:
-    # the queue file is created lazily, in the commit; message and envelope
-    # trailer go in one write
-    assert count_commit_calls(tmp_path, way) == expected
+@both_ways
+def test_commit_makes_every_step_durable(tmp_path: Path, unnamed: bool) -> None:
+    calls = count_commit_calls(tmp_path, unnamed)
+    # the queue file created (lazily, in the commit), message and envelope trailer
+    # written and fsynced; named (a link, or a rename of the temp file); the
+    # directory fsynced
+    assert calls == ["open", "write", "fsync", "link" if unnamed else "rename", "fsync"]
 
 
-@every_way
-def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, way: str) -> None:
-    steps = count_commit_calls(tmp_path, way)
+@both_ways
+def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, unnamed: bool) -> None:
+    steps = count_commit_calls(tmp_path, unnamed)
     for step in range(1, len(steps) + 1):
         directory = tmp_path / f"fail-at-{step}"
         fake = FailingOS(fail_at=step)
-        spool = spool_for(way, directory, fake)
+        spool = make_spool(directory, fake, unnamed=unnamed)
         fds = open_fds()
         incoming = spool.open_incoming()
         incoming.write(MESSAGE)
@@ -241,10 +224,10 @@ def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, way: str
         spool.close()
 
 
-@every_way
-def test_failure_while_receiving_is_reported_at_once(tmp_path: Path, way: str) -> None:
+@both_ways
+def test_failure_while_receiving_is_reported_at_once(tmp_path: Path, unnamed: bool) -> None:
     fake = FailingOS(fail_at=1)
-    spool = spool_for(way, tmp_path / "spool", fake)
+    spool = make_spool(tmp_path / "spool", fake, unnamed=unnamed)
     incoming = spool.open_incoming()
     fake.armed = True
     with pytest.raises(OSError) as caught:
@@ -569,7 +552,7 @@ def test_a_commit_never_replaces_an_entry_of_the_same_name(tmp_path: Path) -> No
     """Ids are unique by construction; should one ever be taken, naming the new
     (unnamed) file fails, since linkat does not replace, and the entry already
     there stays whole."""
-    spool = make_spool(tmp_path / "spool", unnamed=True, names_first=True)
+    spool = make_spool(tmp_path / "spool", unnamed=True)
     existing, _ = commit(spool, b"first\r\n")
     incoming = spool.open_incoming()
     incoming.id = existing.id
@@ -632,59 +615,3 @@ def test_concurrent_directory_syncs_share_one_fsync(tmp_path: Path) -> None:
     assert fake.fsyncs == 2
     spool._fsync_directory()
     assert fake.fsyncs == 3
-
-
-def mountinfo_for(directory: Path, fstype: str, options: str = "rw,relatime") -> str:
-    """A mountinfo line for ``directory``'s device, as the kernel writes them."""
-    device = os.stat(directory).st_dev
-    return (f"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
-            f"29 1 {os.major(device)}:{os.minor(device)} / /srv rw,relatime shared:1"
-            f" - {fstype} /dev/vda1 {options}\n")
-
-
-@pytest.mark.parametrize(("fstype", "options", "expected"), [
-    ("ext4", "rw,relatime", True),
-    ("ext4", "rw,data=ordered", True),
-    ("ext4", "rw,data=writeback", False),  # metadata may reach the disk before data
-    ("xfs", "rw,attr2,inode64", True),
-    ("btrfs", "rw,ssd,space_cache=v2", True),
-    ("ext2", "rw", False),
-    ("tmpfs", "rw,size=100m", False),
-    ("overlay", "rw,lowerdir=/a,upperdir=/b,workdir=/c", False),
-    ("nfs4", "rw,vers=4.2", False),
-])
-def test_which_file_systems_name_a_file_with_its_fsync(tmp_path: Path, fstype: str,
-                                                       options: str, expected: bool) -> None:
-    table = tmp_path / "mountinfo"
-    table.write_text(mountinfo_for(tmp_path, fstype, options))
-    assert names_made_durable_by_file_fsync(tmp_path, str(table)) is expected
-
-
-def test_unsure_means_the_directory_is_fsynced_too(tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    other.write_text("22 27 0:21 / /proc rw,relatime - proc proc rw\n"
-                     "29 1 999:999 / /srv rw - ext4 /dev/vdz rw\n")  # another device
-    assert names_made_durable_by_file_fsync(tmp_path, str(other)) is False
-    assert names_made_durable_by_file_fsync(tmp_path, str(tmp_path / "missing")) is False
-    garbled = tmp_path / "garbled"
-    device = os.stat(tmp_path).st_dev
-    garbled.write_text(f"29 1 {os.major(device)}:{os.minor(device)} / /srv rw - ext4\n")
-    assert names_made_durable_by_file_fsync(tmp_path, str(garbled)) is False
-
-
-def test_prepare_asks_the_file_system(tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[Path] = []
-
-    def answer(directory: Path) -> bool:
-        asked.append(directory)
-        return False
-    monkeypatch.setattr("relaygw.spool.names_made_durable_by_file_fsync", answer)
-    spool = make_spool(tmp_path / "spool")
-    assert asked == [tmp_path / "spool"]
-    assert spool.file_fsync_names is False
-    fake = FailingOS()
-    spool.os = fake
-    fake.armed = True
-    commit(spool)
-    assert fake.calls == ["open", "write", "fsync", "link", "fsync"]  # the directory too

@@ -36,17 +36,6 @@ message is written to ``tmp-ID`` and renamed; ``recover`` removes a temp file
 a crash left. Removal unlinks ``ID.q`` first, so a half-removed entry (an
 ``ID.env`` alone) is ignored and cleaned up.
 
-On ext4 (not mounted ``data=writeback``), XFS and btrfs the file is named
-first and then fsynced, and the directory is not: there an fsync makes the
-file's new name durable with it (the link is in the journal transaction the
-fsync commits), which is what Postfix relies on too. One journal commit per
-message instead of two: 1.3-1.8x the commits a second and a third less
-machine CPU in the same measurement. The price: after a power cut (not a
-kill -9) during a commit, the entry of a message never acknowledged may be
-left empty; start-up then sets it aside in ``corrupt/`` like any damaged
-entry. Elsewhere (ext2, NFS, overlayfs, tmpfs...) the order is the portable
-one above.
-
 All blocking work runs through ``run_blocking`` (a thread pool in
 production, a direct call in unit tests); the OS calls go through an
 injectable ``os`` stand-in so tests can make writes fail.
@@ -177,9 +166,6 @@ class Spool:
         self._directory_fd_lock = threading.Lock()
         # Whether new messages are unnamed files (O_TMPFILE); None: not yet checked.
         self.unnamed_files: bool | None = None
-        # Whether an fsync of a new file makes its name durable (see the module
-        # docstring); None: not yet checked, False: fsync the directory too.
-        self.file_fsync_names: bool | None = None
 
     # --- start-up --------------------------------------------------------------
 
@@ -189,8 +175,6 @@ class Spool:
         os.chmod(self.directory, 0o700)
         self._directory_descriptor()
         self._check_unnamed_files()
-        if self.file_fsync_names is None:
-            self.file_fsync_names = names_made_durable_by_file_fsync(self.directory)
 
     def _check_unnamed_files(self) -> bool:
         """Whether this spool can write new messages as unnamed files and name
@@ -392,23 +376,16 @@ class Spool:
         named = False  # ID.q is this commit's: only then may a failure remove it
         try:
             incoming.seal(envelope_bytes)
+            self.os.fsync(incoming.fd)
             if incoming.named:
-                self.os.fsync(incoming.fd)
                 incoming.closed = True
                 self.os.close(incoming.fd)
                 self.os.rename(incoming.temp_path, final)
                 named = True
-            elif self.file_fsync_names:
-                # named first: the fsync then commits data and name together
-                self._link(incoming)
-                named = True
-                self.os.fsync(incoming.fd)
-                incoming.closed = True
-                self.os.close(incoming.fd)
-                return
             else:
-                self.os.fsync(incoming.fd)
-                self._link(incoming)
+                # linkat never replaces a name: EEXIST if the id were taken
+                self.os.link(f"/proc/self/fd/{incoming.fd}", f"{incoming.id}.q",
+                             dst_dir_fd=self._directory_descriptor())
                 named = True
                 incoming.closed = True
                 self.os.close(incoming.fd)
@@ -586,12 +563,6 @@ class Spool:
         finally:
             self.os.close(fd)
 
-    def _link(self, incoming: Incoming) -> None:
-        """Give the unnamed file its name; linkat never replaces one: EEXIST if
-        the id were taken."""
-        self.os.link(f"/proc/self/fd/{incoming.fd}", f"{incoming.id}.q",
-                     dst_dir_fd=self._directory_descriptor())
-
     def _fsync_directory(self) -> None:
         """Make every rename done so far durable, sharing one fsync among the
         threads that ask at the same time (group commit for the directory).
@@ -623,36 +594,6 @@ class Spool:
             pass
         except OSError as e:
             self.log.warn("spool: cannot remove {path}: {error}", path=str(path), error=e)
-
-
-# --- the file system -----------------------------------------------------------------
-
-# File systems on which fsync of a file commits the journal transaction holding
-# its new directory entry (a link made before the fsync).
-NAMES_DURABLE_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})
-
-
-def names_made_durable_by_file_fsync(directory: Path,
-                                     mountinfo: str = "/proc/self/mountinfo") -> bool:
-    """Whether ``directory`` is on a file system where an fsync of a new file
-    makes its name durable (see the module docstring); False when unsure."""
-    try:
-        device = os.stat(directory).st_dev
-        with open(mountinfo, encoding="utf-8", errors="replace") as lines:
-            table = lines.read().splitlines()
-    except OSError:
-        return False
-    wanted = f"{os.major(device)}:{os.minor(device)}"
-    for line in table:
-        fields = line.split()
-        if len(fields) < 10 or fields[2] != wanted or "-" not in fields[6:]:
-            continue
-        tail = fields[fields.index("-", 6) + 1:]  # fstype, source, super options
-        if len(tail) < 3:
-            return False
-        fstype, options = tail[0], tail[2].split(",")
-        return fstype in NAMES_DURABLE_WITH_FILE and "data=writeback" not in options
-    return False
 
 
 # --- the queue file's trailer ------------------------------------------------------
