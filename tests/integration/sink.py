@@ -37,6 +37,7 @@ class Script:
     mail: Scripted = None
     rcpt: Scripted | Mapping[str, Scripted] = None   # mapping: per recipient (lowercase)
     data: Scripted = None
+    rset: Scripted = None            # a reply other than 250 to RSET
     pipelining: bool = True          # advertise PIPELINING (aiosmtpd copes with it anyway)
     drop_ehlo: tuple[str, ...] = ()  # EHLO keywords to hide, e.g. ("STARTTLS",)
 
@@ -106,6 +107,11 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = _next(self.state.script.rset)
+        self.state.note("RSET", reply or "250")
+        return reply or "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         reply = _next(self.state.script.data)

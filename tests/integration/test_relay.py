@@ -359,3 +359,45 @@ def test_tls_verify_right_name_delivered_wrong_name_deferred(
     done = {ok.queue_id, literal.queue_id, opportunistic.queue_id}
     wait_for(lambda: not done & {e["id"] for e in queue_list(daemon)}, 20,
              "the delivered messages to leave the queue", interval=0.2)
+
+
+# --- connection reuse ---------------------------------------------------------------------
+
+
+def _send_in_a_row(daemon, count: int) -> list[str]:  # type: ignore[no-untyped-def]
+    return [send(daemon, [f"user{i}@smart.test"]).message_id for i in range(count)]
+
+
+def test_steady_traffic_reuses_the_session_with_rset_in_the_pipelined_group(
+        daemons: DaemonFactory, sink_factory: SinkFactory) -> None:
+    """Messages one after the other to a smarthost share sessions; each reuse
+    starts with RSET (pipelined with MAIL, RCPT and DATA), and every message
+    arrives exactly once."""
+    sink = sink_factory(SMARTHOST)
+    daemon = daemons.start(relay_config(routes=[
+        smarthost_route("smart.test", SMARTHOST, sink.port)]))
+    sent = _send_in_a_row(daemon, 12)
+    sink.wait_for_messages(12)
+    wait_queue_empty(daemon)
+    assert sorted(sunk_message_id(m) for m in sink.messages) == sorted(sent)
+    assert sink.state.connections < 12, sink.state.connections
+    assert len(sink_events(sink, "RSET")) >= 1
+    assert len(sink_events(sink, "MAIL")) == 12  # no transaction begun twice
+
+
+def test_a_refused_rset_on_a_reused_session_costs_nothing(
+        daemons: DaemonFactory, sink_factory: SinkFactory) -> None:
+    """The sink refuses the first RSET (as a server that timed the session out
+    would): relaygw drops that session before sending any of the message and
+    delivers on a fresh one; nothing is deferred, nothing arrives twice."""
+    sink = sink_factory(SMARTHOST, script=Script(rset=["421 4.4.2 idle too long"]))
+    daemon = daemons.start(relay_config(routes=[
+        smarthost_route("smart.test", SMARTHOST, sink.port)]))
+    sent = _send_in_a_row(daemon, 8)
+    sink.wait_for_messages(8)
+    wait_queue_empty(daemon)
+    assert sorted(sunk_message_id(m) for m in sink.messages) == sorted(sent)
+    rsets = sink_events(sink, "RSET")
+    assert rsets and rsets[0].startswith("421"), rsets
+    assert sink.state.connections >= 2  # the refused session was replaced
+    assert mail_log_lines(daemon, "status=deferred") == []
