@@ -27,16 +27,23 @@ class Collect(Protocol):
             self.arrived.callback(None)
 
 
+async def loopback_pair(test: TestCase, server: Collect,
+                        client_protocol: type[Protocol]) -> Protocol:
+    """A real TCP connection on 127.0.0.1 from a ``client_protocol`` to ``server``;
+    the listener is closed and the connection aborted when the test ends."""
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: server))
+    test.addCleanup(port.stopListening)
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        Factory.forProtocol(client_protocol))
+    test.addCleanup(client.transport.abortConnection)
+    return client
+
+
 class WriteNowTests(TestCase):
     async def connected_pair(self) -> tuple[Protocol, Collect]:
         server = Collect()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(lambda: server))
-        self.addCleanup(port.stopListening)
-        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-            Factory.forProtocol(Protocol))
-        self.addCleanup(client.transport.loseConnection)
-        return client, server
+        return await loopback_pair(self, server, Protocol), server
 
     async def test_a_small_write_leaves_nothing_buffered(self) -> None:
         client, server = await self.connected_pair()
@@ -93,13 +100,8 @@ class LoseConnectionTests(TestCase):
         server.connectionLost = (  # type: ignore[method-assign]
             lambda reason: server_lost.callback((reason,)))
         server.lost = server_lost  # type: ignore[attr-defined]
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(lambda: server))
-        self.addCleanup(port.stopListening)
-        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-            Factory.forProtocol(Closing))
-        self.addCleanup(client.transport.abortConnection)
-        return client, server
+        client = await loopback_pair(self, server, Closing)
+        return client, server  # type: ignore[return-value]
 
     async def test_closes_on_the_next_turn_without_watching_for_writability(self) -> None:
         client, server = await self.connected_pair()

@@ -17,6 +17,7 @@ from .conftest import SinkFactory
 from .dnsfixture import DNSServer
 from .harness import (
     HOSTNAME,
+    Daemon,
     DaemonFactory,
     barrier,
     pick_common_port,
@@ -40,7 +41,7 @@ from .relay_helpers import (
     wait_queue_empty,
     wait_queue_recipient,
 )
-from .sink import CLOSE, Script
+from .sink import CLOSE, Script, SMTPSink
 from .tlsutil import TestCA
 
 pytestmark = pytest.mark.integration
@@ -364,8 +365,16 @@ def test_tls_verify_right_name_delivered_wrong_name_deferred(
 # --- connection reuse ---------------------------------------------------------------------
 
 
-def _send_in_a_row(daemon, count: int) -> list[str]:  # type: ignore[no-untyped-def]
-    return [send(daemon, [f"user{i}@smart.test"]).message_id for i in range(count)]
+def _relay_in_a_row(daemons: DaemonFactory, sink: SMTPSink, count: int) -> Daemon:
+    """``count`` messages, one after the other, through a relaygw whose route for
+    smart.test is ``sink``; returns once each has arrived exactly once."""
+    daemon = daemons.start(relay_config(routes=[
+        smarthost_route("smart.test", SMARTHOST, sink.port)]))
+    sent = [send(daemon, [f"user{i}@smart.test"]).message_id for i in range(count)]
+    sink.wait_for_messages(count)
+    wait_queue_empty(daemon)
+    assert sorted(sunk_message_id(m) for m in sink.messages) == sorted(sent)
+    return daemon
 
 
 def test_steady_traffic_reuses_the_session_with_rset_in_the_pipelined_group(
@@ -374,12 +383,7 @@ def test_steady_traffic_reuses_the_session_with_rset_in_the_pipelined_group(
     starts with RSET (pipelined with MAIL, RCPT and DATA), and every message
     arrives exactly once."""
     sink = sink_factory(SMARTHOST)
-    daemon = daemons.start(relay_config(routes=[
-        smarthost_route("smart.test", SMARTHOST, sink.port)]))
-    sent = _send_in_a_row(daemon, 12)
-    sink.wait_for_messages(12)
-    wait_queue_empty(daemon)
-    assert sorted(sunk_message_id(m) for m in sink.messages) == sorted(sent)
+    _relay_in_a_row(daemons, sink, 12)
     assert sink.state.connections < 12, sink.state.connections
     assert len(sink_events(sink, "RSET")) >= 1
     assert len(sink_events(sink, "MAIL")) == 12  # no transaction begun twice
@@ -391,12 +395,7 @@ def test_a_refused_rset_on_a_reused_session_costs_nothing(
     would): relaygw drops that session before sending any of the message and
     delivers on a fresh one; nothing is deferred, nothing arrives twice."""
     sink = sink_factory(SMARTHOST, script=Script(rset=["421 4.4.2 idle too long"]))
-    daemon = daemons.start(relay_config(routes=[
-        smarthost_route("smart.test", SMARTHOST, sink.port)]))
-    sent = _send_in_a_row(daemon, 8)
-    sink.wait_for_messages(8)
-    wait_queue_empty(daemon)
-    assert sorted(sunk_message_id(m) for m in sink.messages) == sorted(sent)
+    daemon = _relay_in_a_row(daemons, sink, 8)
     rsets = sink_events(sink, "RSET")
     assert rsets and rsets[0].startswith("421"), rsets
     assert sink.state.connections >= 2  # the refused session was replaced
