@@ -567,6 +567,62 @@ def test_a_commit_never_replaces_an_entry_of_the_same_name(tmp_path: Path) -> No
     assert open_fds() == fds  # the unnamed file made by the commit, closed
 
 
+def test_removals_finished_waits_for_a_removal_asked_for_by_a_failed_ones_errback(
+        tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    first, second = commit(spool)[0], commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = lambda fn, *args: fail(RuntimeError("no thread"))
+    finished: list[Deferred[None]] = []
+
+    def again(_: object) -> None:  # the caller tries the other entry, threads back
+        spool.run_blocking = runner
+        spool.remove(second.id)
+        finished.append(spool.removals_finished())
+    spool.remove(first.id).addErrback(again)
+    [waiting] = finished
+    assert not waiting.called  # the second removal is still to run
+    runner.run_next()
+    assert waiting.called
+    assert names(spool.directory) == [f"{first.id}.q"]
+
+
+def test_a_runner_that_raises_fails_the_removal_and_blocks_nothing(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path / "spool")
+    envelope = commit(spool)[0]
+
+    def broken(fn: Any, *args: Any) -> Deferred[Any]:
+        raise RuntimeError("can't start new thread")
+    spool.run_blocking = broken
+    outcome = result_of(spool.remove(envelope.id))
+    assert isinstance(outcome, Failure) and outcome.check(RuntimeError)
+    assert result_of(spool.removals_finished()) is None  # nothing left in flight
+    spool.run_blocking = sync_run
+    assert result_of(spool.remove(envelope.id)) is None
+    assert names(spool.directory) == []
+
+
+def test_every_popped_removal_is_answered_even_after_a_base_exception(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = make_spool(tmp_path / "spool")
+    bad, good = commit(spool)[0], commit(spool)[0]
+    runner = HeldRunner()
+    spool.run_blocking = runner
+    real_remove = spool._remove
+
+    def remove(queue_id: str) -> None:
+        if queue_id == bad.id:
+            raise SystemExit("thread told to stop")
+        real_remove(queue_id)
+    monkeypatch.setattr(spool, "_remove", remove)
+    outcomes = [spool.remove(bad.id), spool.remove(good.id)]
+    runner.run_next()
+    results = [result_of(d) for d in outcomes]
+    assert isinstance(results[0], Failure) and results[0].check(SystemExit)
+    assert results[1] is None
+    assert result_of(spool.removals_finished()) is None
+
+
 def test_envelope_round_trip_keeps_every_field() -> None:
     envelope = Envelope(id="0000000000001000ABC", sender="",
                         recipients=[recipient("a@b.test", action="local", maildir="/m/a",

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -334,9 +334,9 @@ class Spool:
     # --- receiving -------------------------------------------------------------
 
     def open_incoming(self) -> Incoming:
-        """A new message; its id is unique by construction (time, counter, random),
-        and naming its file checks it (``linkat`` fails on a name taken; for a
-        temp file, its O_EXCL creation)."""
+        """A new message; its id is unique by construction (time, counter, random).
+        Naming an unnamed file also checks it (``linkat`` fails on a name taken);
+        the temp-file fallback's rename would not, and relies on the id alone."""
         return Incoming(self, new_queue_id())
 
     def _create(self, path: Path) -> int:
@@ -435,7 +435,7 @@ class Spool:
         self._removals.append((queue_id, d))
         if not self._removing:
             self._removing = True
-            self.run_blocking(self._remove_waiting).addBoth(self._removed)
+            maybeDeferred(self.run_blocking, self._remove_waiting).addBoth(self._removed)
         return d
 
     def _remove_waiting(self) -> list[tuple[Deferred[None], Failure | None]]:
@@ -449,7 +449,7 @@ class Spool:
                 return done
             try:
                 self._remove(queue_id)
-            except Exception:
+            except BaseException:  # the popped ones must still be answered
                 done.append((d, Failure()))
             else:
                 done.append((d, None))
@@ -462,20 +462,20 @@ class Spool:
         if isinstance(result, Failure):  # the job was refused (no thread): fail them all
             waiting = [d for _, d in self._removals]
             self._removals.clear()
-            self._removing = False
+            self._removing = False  # an errback that removes again starts afresh
             for d in waiting:
                 d.errback(result)
-            self._removals_settled()
-            return
-        for d, failure in result:
-            if failure is None:
-                d.callback(None)
-            else:
-                d.errback(failure)
-        if self._removals:  # asked for after the batch was taken, or by a callback
-            self.run_blocking(self._remove_waiting).addBoth(self._removed)
         else:
-            self._removing = False
+            for d, failure in result:
+                if failure is None:
+                    d.callback(None)
+                else:
+                    d.errback(failure)
+            if self._removals:  # asked for after the batch was taken, or by a callback
+                maybeDeferred(self.run_blocking, self._remove_waiting).addBoth(self._removed)
+            else:
+                self._removing = False
+        if not self._removing:
             self._removals_settled()
 
     def removals_finished(self) -> Deferred[None]:
