@@ -492,9 +492,13 @@ def test_a_refused_removal_job_fails_every_waiting_removal(tmp_path: Path) -> No
     assert names(spool.directory) == []
 
 
-def test_an_error_removing_one_entry_fails_only_its_removal(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
+@pytest.mark.parametrize("error", [ValueError("unexpected"),
+                                   SystemExit("thread told to stop")],
+                         ids=["an error", "a BaseException"])
+def test_an_error_removing_one_entry_fails_only_its_removal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Every entry the disk thread has taken is answered: the one that failed
+    with its own Failure, the others as done."""
     spool = make_spool(tmp_path / "spool")
     bad, good = commit(spool)[0], commit(spool)[0]
     runner = HeldRunner()
@@ -503,15 +507,16 @@ def test_an_error_removing_one_entry_fails_only_its_removal(tmp_path: Path,
 
     def remove(queue_id: str) -> None:
         if queue_id == bad.id:
-            raise ValueError("unexpected")
+            raise error
         real_remove(queue_id)
     monkeypatch.setattr(spool, "_remove", remove)
     outcomes = [spool.remove(bad.id), spool.remove(good.id)]
     runner.run_next()
     results = [result_of(d) for d in outcomes]
-    assert isinstance(results[0], Failure) and results[0].check(ValueError)
+    assert isinstance(results[0], Failure) and results[0].value is error
     assert results[1] is None
     assert names(spool.directory) == [f"{bad.id}.q"]
+    assert result_of(spool.removals_finished()) is None
 
 
 def test_a_removal_asked_for_from_a_removals_callback_never_runs_a_second_job(
@@ -600,27 +605,6 @@ def test_a_runner_that_raises_fails_the_removal_and_blocks_nothing(tmp_path: Pat
     spool.run_blocking = sync_run
     assert result_of(spool.remove(envelope.id)) is None
     assert names(spool.directory) == []
-
-
-def test_every_popped_removal_is_answered_even_after_a_base_exception(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spool = make_spool(tmp_path / "spool")
-    bad, good = commit(spool)[0], commit(spool)[0]
-    runner = HeldRunner()
-    spool.run_blocking = runner
-    real_remove = spool._remove
-
-    def remove(queue_id: str) -> None:
-        if queue_id == bad.id:
-            raise SystemExit("thread told to stop")
-        real_remove(queue_id)
-    monkeypatch.setattr(spool, "_remove", remove)
-    outcomes = [spool.remove(bad.id), spool.remove(good.id)]
-    runner.run_next()
-    results = [result_of(d) for d in outcomes]
-    assert isinstance(results[0], Failure) and results[0].check(SystemExit)
-    assert results[1] is None
-    assert result_of(spool.removals_finished()) is None
 
 
 def test_envelope_round_trip_keeps_every_field() -> None:
