@@ -178,7 +178,10 @@ class Spool:
 
     def _check_unnamed_files(self) -> bool:
         """Whether this spool can write new messages as unnamed files and name
-        them at commit (checked once, by making and removing one)."""
+        them at commit (checked once, by making and removing one; after that,
+        no lock on the per-message path)."""
+        if self.unnamed_files is not None:
+            return self.unnamed_files
         with self._count_lock:
             if self.unnamed_files is None:
                 self.unnamed_files = self._try_unnamed_file()

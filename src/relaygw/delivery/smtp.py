@@ -711,7 +711,9 @@ class _Session:
     def _open_message(self) -> MessageFile | io.BytesIO:
         cache = self.deliverer.messages
         cached = None if cache is None else cache.open(self.envelope.id)
-        return cached or MessageFile(self.message_path, self.envelope.size)
+        if cached is not None:
+            return cached
+        return MessageFile(self.message_path, self.envelope.size)
 
     def _check(self, *replies: Reply | Exception) -> None:
         """A missing reply or a 421 (closing) leaves the session unfit for another MAIL."""
