@@ -20,12 +20,22 @@ from zope.interface import implementer
 
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer
+from relaygw.journal import Journal
 from relaygw.spool import Spool
 
 
 def sync_run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """A BlockingRunner that runs the work at once, in the caller's thread."""
     return maybeDeferred(fn, *args)
+
+
+def journaled_spool(directory: Path, os_module: Any = os) -> Spool:
+    """A prepared spool with a journal written at once, in the caller's thread
+    (no writer thread, no reactor): every step of a test is done when it returns."""
+    journal = Journal(Path(directory) / "journal", None, os_module, threaded=False)
+    spool = Spool(directory, sync_run, journal=journal)
+    spool.prepare()
+    return spool
 
 
 def open_fds() -> int:

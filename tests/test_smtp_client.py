@@ -27,6 +27,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
+from core_fakes import journaled_spool, queue_message, sync_run
 from relaygw.config import Config, parse_config
 from relaygw.delivery import smtpclient
 from relaygw.delivery.smtp import SMTPRelayDeliverer, parse_ehlo
@@ -44,7 +45,7 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import Answer, Hop, NextHopResolver, NXDomain, lookup_failed
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer, Status
-from relaygw.messagecache import MessageCache
+from relaygw.spool import Spool
 
 MX_PORT = 2525
 DEFAULT_TIMEOUTS = Timeouts()
@@ -439,19 +440,34 @@ def test_a_cached_message_is_sent_from_memory(tmp_path: Path) -> None:
     """The spool's copy of a message just committed stands in for its queue file:
     here there is no file at all, so only the cache can have given the text."""
     world = InMemory()
-    cache = MessageCache()
-    world.deliverer.messages = cache
+    spool = Spool(tmp_path / "spool", sync_run)
+    world.deliverer.source = spool
     content = b"Subject: from memory\r\n\r\n.dot\r\n"
     env = envelope("bob@example.test", size=len(content))
-    cache.put(env.id, content)
+    spool.cache.put(env.id, content)
     results = world.deliver(env, tmp_path / "no-such-queue-file")
     assert results == [DeliveryResult.delivered("250 2.0.0 Ok: queued as ABC", MX1)]
     assert world.server.messages == [b"Subject: from memory\r\n\r\n..dot\r\n.\r\n"]
 
 
+def test_a_journaled_message_out_of_the_cache_is_read_from_the_journal(
+        tmp_path: Path) -> None:
+    world = InMemory()
+    spool = journaled_spool(tmp_path / "spool")
+    world.deliverer.source = spool
+    content = b"Subject: journaled\r\n\r\nbody\r\n"
+    env = queue_message(spool, [Recipient("bob@example.test", "bob@example.test", "relay")],
+                        data=content)
+    spool.cache.discard(env.id)
+    assert not spool.message_path(env.id).exists()
+    results = world.deliver(env, spool.message_path(env.id))
+    assert results[0].status is Status.DELIVERED
+    assert world.server.messages == [content + b".\r\n"]
+
+
 def test_without_a_cached_copy_a_missing_queue_file_defers(tmp_path: Path) -> None:
     world = InMemory()
-    world.deliverer.messages = MessageCache()  # empty: the file is read, and is not there
+    world.deliverer.source = Spool(tmp_path / "spool", sync_run)  # nothing cached or journaled
     [result] = world.deliver(envelope("bob@example.test"), tmp_path / "no-such-queue-file")
     assert result.status is Status.DEFERRED
     assert result.reply.startswith("451 4.3.0 Cannot read the queued message")

@@ -109,6 +109,7 @@ class QueueConfig:
     max_age: float = 5 * 86400
     concurrency: int = 100
     per_destination: int = 10
+    journal: bool = True  # small messages committed to the journal (relaygw.journal)
 
 
 @dataclass(frozen=True)
@@ -495,6 +496,7 @@ def _queue(source: str, data: dict[str, Any]) -> QueueConfig:
         max_age=max_age,
         concurrency=table.positive_int("concurrency", d.concurrency),
         per_destination=table.positive_int("per_destination", d.per_destination),
+        journal=table.get("journal", bool, d.journal),
     )
 
 

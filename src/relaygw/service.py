@@ -15,7 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.interfaces import IReactorProcess, IReactorThreads
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -30,14 +30,14 @@ from relaygw.diskthreads import DiskThreads
 from relaygw.dns import build_resolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import IDeliverer
+from relaygw.journal import Journal
 from relaygw.logs import MailLog
-from relaygw.messagecache import MessageCache
 from relaygw.metrics import GatewayMetrics, metrics_site
 from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
-from relaygw.spool import BlockingRunner, Spool
+from relaygw.spool import BlockingRunner, MessageSource, Spool
 from relaygw.spoolreader import ChildReader, Entry, ReaderFailed, SpoolReader, ThreadReader
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
@@ -60,9 +60,12 @@ class Gateway(Service):
         self.reactor = reactor
         self.maillog = MailLog()
         self.connections = ConnectionLimiter()
-        self.spool = Spool(config.queue.directory, run_blocking)
+        journal = (Journal(config.queue.directory / "journal", reactor,
+                           threaded=IReactorThreads.providedBy(reactor))
+                   if config.queue.journal else None)
+        self.spool = Spool(config.queue.directory, run_blocking, journal=journal)
         if deliverers is None:
-            deliverers = default_deliverers(config, reactor, run_blocking, self.spool.cache)
+            deliverers = default_deliverers(config, reactor, run_blocking, self.spool)
         self.run_blocking = run_blocking
         self.resumed: Deferred[None] = succeed(None)  # start-up's read of the spool
         self._reader: SpoolReader | None = None  # while it runs
@@ -198,6 +201,7 @@ class Gateway(Service):
             pass
         if cut.active():
             cut.cancel()
+        self.spool.stop()  # the journal's last done records written
         if self.disk is not None:
             self.disk.stop()
 
@@ -350,10 +354,13 @@ def _live_part(old: Config, new: Config) -> tuple[Config, list[str]]:
         restart.append("server.hostname")
     if new.queue.directory != old.queue.directory:
         restart.append("queue.directory")
+    if new.queue.journal != old.queue.journal:
+        restart.append("queue.journal")
     if new.metrics != old.metrics:
         restart.append("metrics.listen")
     effective = replace(new, listeners=old.listeners, hostname=old.hostname,
-                        queue=replace(new.queue, directory=old.queue.directory),
+                        queue=replace(new.queue, directory=old.queue.directory,
+                                      journal=old.queue.journal),
                         metrics=old.metrics)
     return effective, restart
 
@@ -374,15 +381,15 @@ def _read_headers(spool: Spool, envelope: Envelope) -> bytes:
 
 
 def default_deliverers(config: Config, reactor: Any, run_blocking: BlockingRunner,
-                       messages: MessageCache | None = None) -> dict[str, IDeliverer]:
-    return {"local": MaildirDeliverer(config.hostname, run_blocking),
-            "relay": relay_deliverer(config, reactor, messages)}
+                       source: MessageSource | None = None) -> dict[str, IDeliverer]:
+    return {"local": MaildirDeliverer(config.hostname, run_blocking, source),
+            "relay": relay_deliverer(config, reactor, source)}
 
 
 def relay_deliverer(config: Config, reactor: Any,
-                    messages: MessageCache | None = None) -> IDeliverer:
+                    source: MessageSource | None = None) -> IDeliverer:
     return SMTPRelayDeliverer(config, reactor, build_resolver(config.dns, reactor),
-                              messages=messages)
+                              source=source)
 
 
 def build_service(config: Config, reactor: Any,

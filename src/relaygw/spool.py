@@ -61,6 +61,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw.envelope import Envelope
+from relaygw.journal import (
+    Journal,
+    Location,
+    Record,
+    fsync_directory,
+    live_messages,
+    segment_name,
+    segment_numbers,
+    write_done_segment,
+)
+from relaygw.journal import read_message as read_journaled
 from relaygw.messagecache import MessageCache
 
 T = TypeVar("T")
@@ -80,6 +91,27 @@ _random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
 class BlockingRunner(Protocol):
     def __call__(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
+
+
+class MessageSource(Protocol):
+    """Where deliverers read a queued message from: the spool (its memory, its
+    journal, its queue files), or, in tests, the queue file they are given."""
+
+    def has_message_without_file(self, queue_id: str) -> bool: ...
+
+    def open_for_delivery(self, envelope: Envelope,
+                          message_path: Path) -> MessageFile | io.BytesIO: ...
+
+
+class QueueFiles:
+    """A MessageSource that is the queue files alone."""
+
+    def has_message_without_file(self, queue_id: str) -> bool:
+        return False
+
+    def open_for_delivery(self, envelope: Envelope,
+                          message_path: Path) -> MessageFile | io.BytesIO:
+        return MessageFile(message_path, envelope.size)
 
 
 def new_queue_id() -> str:
@@ -149,8 +181,16 @@ class Incoming:
 class Spool:
     log = Logger()
 
-    def __init__(self, directory: Path, run_blocking: BlockingRunner, os_module: Any = os) -> None:
+    def __init__(self, directory: Path, run_blocking: BlockingRunner, os_module: Any = os,
+                 journal: Journal | None = None) -> None:
+        """``journal`` (writing to ``journal_directory``) takes small messages;
+        without one, every message gets a queue file, and a journal found on
+        disk is only read (``relaygwctl`` while relaygw is stopped)."""
         self.directory = Path(directory)
+        self.journal = journal
+        # Messages in the journal and in no queue file (yet), where their bytes are.
+        self.journaled: dict[str, Location] = {}
+        self._journal_on_disk: dict[str, Record] | None = None  # read once, without a writer
         self._directory = str(self.directory)  # for the hot paths: no Path objects
         self.run_blocking = run_blocking
         self.os = os_module
@@ -175,6 +215,79 @@ class Spool:
         os.chmod(self.directory, 0o700)
         self._directory_descriptor()
         self._check_unnamed_files()
+        self.convert_journal()
+        if self.journal is not None:
+            self.journal.open()
+            self.journal.start()
+
+    @property
+    def journal_directory(self) -> Path:
+        return self.directory / "journal"
+
+    def stop(self) -> None:
+        """Write the journal's last records and stop its writer (blocking, brief)."""
+        if self.journal is not None:
+            self.journal.stop()
+
+    def convert_journal(self) -> int:
+        """Give every message left in the journal a queue file, then retire every
+        segment (blocking; at start-up, before ``scan``): after a crash or a
+        stop, the queue is files alone again. Returns how many it converted.
+
+        A message that has a queue file already was moved out of the journal
+        before its done record was written (the file is complete: it was named
+        only after its fsync). A segment damaged before its end goes to
+        ``corrupt/`` once what it held before the damage is converted; a torn
+        tail of the newest segment held only appends never acknowledged."""
+        directory = self.journal_directory
+        if not directory.is_dir():
+            return 0
+        numbers = segment_numbers(directory)
+        if not numbers:
+            return 0
+        live, problems = live_messages(directory)
+        converted = 0
+        for queue_id, record in live.items():
+            if not is_queue_id(queue_id):
+                self.log.warn("spool: journal record {id!r} is no queue id; skipped",
+                              id=queue_id)
+                continue
+            if os.path.exists(self.message_path(queue_id)):
+                continue
+            assert record.location is not None
+            incoming = Incoming(self, queue_id)
+            incoming.write(read_journaled(directory, record.location))
+            self._commit(incoming, record.envelope)
+            converted += 1
+        damaged = dict(problems)
+        for number in numbers:
+            path = directory / segment_name(number)
+            if number in damaged:
+                self.log.error("spool: journal segment {name} is damaged ({problem}); what"
+                               " came before the damage was queued, the segment is kept in"
+                               " corrupt/", name=path.name, problem=damaged[number])
+                corrupt = self.directory / "corrupt"
+                corrupt.mkdir(mode=0o700, exist_ok=True)
+                os.replace(path, corrupt / f"journal-{path.name}")
+            else:
+                os.unlink(path)
+        fsync_directory(directory)
+        if converted:
+            self.log.info("spool: {count} messages moved from the journal to queue files",
+                          count=converted)
+        return converted
+
+    def _journal_left_on_disk(self) -> dict[str, Record]:
+        """The journal's live messages as a spool without a writer sees them
+        (``relaygwctl`` while relaygw is stopped): read once."""
+        if self.journal is not None:
+            return {}
+        if self._journal_on_disk is None:
+            try:
+                self._journal_on_disk = live_messages(self.journal_directory)[0]
+            except FileNotFoundError:
+                self._journal_on_disk = {}
+        return self._journal_on_disk
 
     def _check_unnamed_files(self) -> bool:
         """Whether this spool can write new messages as unnamed files and name
@@ -363,10 +476,24 @@ class Spool:
                 self._unlink_quietly(incoming.temp_path)
 
     def commit(self, incoming: Incoming, envelope: Envelope) -> Deferred[None]:
-        """Make the message and its envelope durable; fires when 250 may be said."""
+        """Make the message and its envelope durable; fires when 250 may be said.
+
+        A message still whole in memory goes to the journal when there is one
+        (one append, a share of one fdatasync); a bigger one, already partly
+        written, to its queue file."""
         envelope.size = incoming.size
+        if self.journal is not None and incoming.fd is None and not incoming.closed:
+            message = bytes(incoming._buffer)
+            del incoming._buffer[:]
+            incoming.closed = True
+            d = self.journal.append_message(incoming.id, envelope.to_bytes(), message)
+            return d.addCallback(self._journal_committed, incoming.id, message)
         d = self.run_blocking(self._commit, incoming, envelope.to_bytes())
         return d.addCallback(self._cache_committed, incoming)
+
+    def _journal_committed(self, location: Location, queue_id: str, message: bytes) -> None:
+        self.journaled[queue_id] = location
+        self.cache.put(queue_id, message)
 
     def _cache_committed(self, result: None, incoming: Incoming) -> None:
         if incoming.whole is not None:
@@ -413,8 +540,41 @@ class Spool:
         return self.directory / f"{queue_id}.env"
 
     def save(self, envelope: Envelope) -> Deferred[None]:
-        """Atomically rewrite an envelope after a delivery attempt."""
+        """Atomically rewrite an envelope after a delivery attempt.
+
+        A journaled message first gets its queue file (message and this envelope,
+        as a commit writes them), then its done record: a message that stays
+        queued is a file that ``ls`` and ``tail -c`` show, and the journal only
+        holds messages in their first attempt. (The scheduler never has two
+        spool operations on one message in flight.)"""
+        location = self.journaled.get(envelope.id)
+        if location is not None:
+            d = self.run_blocking(self._materialize, envelope.id, envelope.to_bytes(),
+                                  self.cache.get(envelope.id), location)
+            return d.addCallback(self._materialized, envelope.id, location)
+        if self.journal is None and envelope.id in self._journal_left_on_disk() \
+                and not self.message_path(envelope.id).exists():
+            record = self._journal_left_on_disk()[envelope.id]
+            assert record.location is not None
+            return self.run_blocking(self._materialize, envelope.id, envelope.to_bytes(),
+                                     None, record.location)
         return self.run_blocking(self._save, envelope.id, envelope.to_bytes())
+
+    def _materialize(self, queue_id: str, envelope_bytes: bytes, message: bytes | None,
+                     location: Location) -> None:
+        """Write a journaled message's queue file (blocking): the done record may
+        follow only once this returns."""
+        if message is None:
+            message = read_journaled(self.journal_directory, location)
+        incoming = Incoming(self, queue_id)
+        incoming.write(message)
+        self._commit(incoming, envelope_bytes)
+
+    def _materialized(self, result: None, queue_id: str, location: Location) -> None:
+        if self.journaled.get(queue_id) == location:
+            del self.journaled[queue_id]
+            assert self.journal is not None
+            self.journal.append_done(queue_id, location)
 
     def _save(self, queue_id: str, envelope_bytes: bytes) -> None:
         temp = self.directory / f"tmp-{queue_id}.env"
@@ -432,8 +592,16 @@ class Spool:
         Removals asked for while one batch waits for or runs in a disk thread
         join it: a busy relay removes a message per delivery, and one job per
         batch spares the reactor a hand-off per message. No fsync: an entry a
-        crash brings back is delivered again (at least once, never lost)."""
+        crash brings back is delivered again (at least once, never lost).
+
+        A journaled message only needs its done record, which is not waited for."""
         self.cache.discard(queue_id)
+        location = self.journaled.pop(queue_id, None)
+        if location is not None and self.journal is not None:
+            self.journal.append_done(queue_id, location)
+            return succeed(None)
+        if self.journal is None and queue_id in self._journal_left_on_disk():
+            return self.run_blocking(self._remove_offline, queue_id)
         d: Deferred[None] = Deferred()
         self._removals.append((queue_id, d))
         if not self._removing:
@@ -496,19 +664,36 @@ class Spool:
         for d in waiters:
             d.callback(None)
 
+    def _remove_offline(self, queue_id: str) -> None:
+        """Remove an entry the journal holds, relaygw stopped: its files if any,
+        and a done record the next start-up reads before converting."""
+        self._remove(queue_id)
+        write_done_segment(self.journal_directory, queue_id)
+        self._journal_left_on_disk().pop(queue_id, None)
+
     def _remove(self, queue_id: str) -> None:
         # The queue file first: an ID.env left alone by a crash is no entry.
         self._unlink_quietly(self.message_path(queue_id))
         self._unlink_quietly(self.envelope_path(queue_id))
 
     def queue_ids(self) -> list[str]:
-        """The ids of the entries on disk now, oldest first (blocking)."""
-        return sorted(name[:-2] for name in os.listdir(self.directory)
-                      if name.endswith(".q") and not name.startswith("tmp-"))
+        """The ids of the entries on disk now, oldest first (blocking): queue
+        files, and messages in the journal."""
+        files = {name[:-2] for name in os.listdir(self.directory)
+                 if name.endswith(".q") and not name.startswith("tmp-")}
+        return sorted(files | set(self._journal_left_on_disk()) | set(self.journaled))
 
     def load(self, queue_id: str) -> Envelope:
-        """The entry's current envelope (blocking); FileNotFoundError if there is none."""
-        return self._read_envelope(queue_id, self.envelope_path(queue_id).exists())
+        """The entry's current envelope as stored (blocking; for ``relaygwctl``);
+        FileNotFoundError if there is none. A queue file has the last word over
+        a journal record of the same message."""
+        try:
+            return self._read_envelope(queue_id, self.envelope_path(queue_id).exists())
+        except FileNotFoundError:
+            record = self._journal_left_on_disk().get(queue_id)
+            if record is None:
+                raise
+            return parse_envelope(record.envelope)
 
     def _read_envelope(self, queue_id: str, rewritten: bool) -> Envelope:
         """ValueError when the envelope does not parse; OSError when it cannot be read."""
@@ -536,14 +721,38 @@ class Spool:
             os.close(fd)
 
     def open_message(self, envelope: Envelope) -> MessageFile | io.BytesIO:
-        """The message of ``envelope``'s entry, for reading (blocking unless cached)."""
+        """The message of ``envelope``'s entry, for reading (blocking unless
+        cached): from memory, the journal, or its queue file."""
+        return self.open_for_delivery(envelope, self.message_path(envelope.id))
+
+    def has_message_without_file(self, queue_id: str) -> bool:
+        """Whether the message is in memory or the journal (no queue file to check)."""
+        return queue_id in self.journaled or self.cache.get(queue_id) is not None
+
+    def open_for_delivery(self, envelope: Envelope,
+                          message_path: Path) -> MessageFile | io.BytesIO:
         cached = self.cache.open(envelope.id)
         if cached is not None:
             return cached
-        return MessageFile(self.message_path(envelope.id), envelope.size)
+        location = self.journaled.get(envelope.id)
+        if location is not None:
+            return io.BytesIO(read_journaled(self.journal_directory, location))
+        try:
+            return MessageFile(message_path, envelope.size)
+        except FileNotFoundError:
+            record = self._journal_left_on_disk().get(envelope.id)
+            if record is None or record.location is None:
+                raise
+            return io.BytesIO(read_journaled(self.journal_directory, record.location))
 
     def read_message(self, queue_id: str) -> bytes:
         """The whole message of an entry (blocking; for small reads and tests)."""
+        cached = self.cache.get(queue_id)
+        if cached is not None:
+            return cached
+        location = self.journaled.get(queue_id)
+        if location is not None:
+            return read_journaled(self.journal_directory, location)
         envelope = self.load(queue_id)
         with self.open_message(envelope) as message:
             return message.read()

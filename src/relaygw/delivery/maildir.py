@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer
-from relaygw.spool import BlockingRunner, MessageFile
+from relaygw.spool import BlockingRunner, MessageSource, QueueFiles
 
 CHUNK = 256 * 1024
 
@@ -32,9 +32,11 @@ def maildir_file_name(envelope: Envelope, index: int, hostname: str) -> str:
 
 @implementer(IDeliverer)
 class MaildirDeliverer:
-    def __init__(self, hostname: str, run_blocking: BlockingRunner) -> None:
+    def __init__(self, hostname: str, run_blocking: BlockingRunner,
+                 source: MessageSource | None = None) -> None:
         self.hostname = hostname
         self.run_blocking = run_blocking
+        self.source: MessageSource = source if source is not None else QueueFiles()
 
     def destination(self, recipient: Recipient) -> str:
         return "local"
@@ -77,7 +79,7 @@ class MaildirDeliverer:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with (open(fd, "wb", closefd=False) as out,
-                  MessageFile(message_path, envelope.size) as source):
+                  self.source.open_for_delivery(envelope, message_path) as source):
                 out.write(header)
                 carry = b""
                 while chunk := source.read(CHUNK):

@@ -65,9 +65,8 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
-from relaygw.messagecache import MessageCache
 from relaygw.routing import Router
-from relaygw.spool import MessageFile
+from relaygw.spool import MessageFile, MessageSource, QueueFiles
 
 # What a broken session raises: each means "no reply", never "a reply that said no".
 SESSION_ERRORS = (SMTPTimeout, SMTPProtocolError, ConnectionLost)
@@ -238,17 +237,17 @@ class SMTPRelayDeliverer:
                  connect: Connector | None = None, reuse: Reuse = "demand",
                  idle_timeout: float = IDLE_TIMEOUT,
                  max_idle_per_hop: int = MAX_IDLE_PER_HOP,
-                 messages: MessageCache | None = None) -> None:
+                 source: MessageSource | None = None) -> None:
         """``reactor`` provides IReactorTCP and IReactorTime (a MemoryReactorClock in tests).
 
         ``connect`` replaces the TCP connection to a hop (tests); by default a
         TCP4/TCP6 client endpoint on ``reactor``. ``reuse`` says when a clean
         session is parked for the next message (see the module docstring).
-        ``messages`` holds the text of messages just committed (the spool's
-        cache): one found there is sent from memory instead of its queue file.
+        ``source`` is where messages are read from: the spool (which sends one
+        from memory or its journal when it can); by default the queue file given.
         """
         self.config = config
-        self.messages = messages
+        self.source: MessageSource = source if source is not None else QueueFiles()
         self._reactor = reactor
         self._resolver = resolver
         self._hostname = hostname or config.hostname
@@ -345,7 +344,7 @@ class SMTPRelayDeliverer:
         policy: TLSPolicy = (route.tls if route is not None and route.tls is not None
                              else self.config.relay.tls)
         try:
-            if self.messages is None or self.messages.get(envelope.id) is None:
+            if not self.source.has_message_without_file(envelope.id):
                 os.stat(message_path)  # a queue file gone missing defers before any connection
         except OSError as e:
             return _all(recipients, DeliveryResult.deferred(
@@ -709,11 +708,7 @@ class _Session:
             return e
 
     def _open_message(self) -> MessageFile | io.BytesIO:
-        cache = self.deliverer.messages
-        cached = None if cache is None else cache.open(self.envelope.id)
-        if cached is not None:
-            return cached
-        return MessageFile(self.message_path, self.envelope.size)
+        return self.deliverer.source.open_for_delivery(self.envelope, self.message_path)
 
     def _check(self, *replies: Reply | Exception) -> None:
         """A missing reply or a 421 (closing) leaves the session unfit for another MAIL."""

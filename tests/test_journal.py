@@ -1,0 +1,309 @@
+"""The journal: framing, group commit, torn tails, retiring segments."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.python.failure import Failure
+
+from relaygw.journal import (
+    DONE,
+    Journal,
+    live_messages,
+    read_message,
+    read_segment,
+    segment_name,
+    segment_numbers,
+    write_done_segment,
+)
+
+IDS = [f"{n:019X}" for n in range(1, 40)]
+
+
+class NowReactor:
+    """callFromThread, run at once: the tests drive write_batch themselves."""
+
+    def callFromThread(self, fn: Any, *args: Any) -> None:
+        fn(*args)
+
+
+class CountingOS:
+    """``os``, counting fdatasyncs and failing writev or fdatasync on request."""
+
+    def __init__(self) -> None:
+        self.fdatasyncs = 0
+        self.fail_writev_after: int | None = None  # bytes written before the failure
+        self.fail_fdatasync = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def writev(self, fd: int, buffers: list[Any]) -> int:
+        if self.fail_writev_after is not None:
+            data = b"".join(bytes(b) for b in buffers)[:self.fail_writev_after]
+            os.write(fd, data)  # part of it reached the file: garbage to cut off
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.writev(fd, buffers)
+
+    def fdatasync(self, fd: int) -> None:
+        self.fdatasyncs += 1
+        if self.fail_fdatasync:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+
+
+def opened(tmp_path: Path, fake: CountingOS | None = None, **kwargs: Any) -> Journal:
+    journal = Journal(tmp_path / "journal", NowReactor(), fake or CountingOS(), **kwargs)
+    journal.open()
+    return journal
+
+
+def entries(journal: Journal, *items: tuple[str, bytes, bytes]) -> list[Any]:
+    """Queued appends as the writer thread takes them, with their Deferreds."""
+    for queue_id, envelope, message in items:
+        journal.append_message(queue_id, envelope, message)
+    return [journal._queue.get_nowait() for _ in items]
+
+
+def write(journal: Journal, batch: list[Any]) -> list[Any]:
+    """One batch through write_batch and back: the appends' Deferreds."""
+    journal._report(batch, journal.write_batch(batch))
+    return [d for _, _, d in batch]
+
+
+def run_writer_once(journal: Journal) -> None:
+    """What the writer thread does with everything queued now."""
+    batch = []
+    while not journal._queue.empty():
+        batch.append(journal._queue.get_nowait())
+    journal.handle(batch)
+
+
+def append(journal: Journal, queue_id: str, message: bytes = b"m") -> Any:
+    """One message appended and made durable: its Location."""
+    [d] = write(journal, entries(journal, (queue_id, b"{}", message)))
+    return result(d)
+
+
+def result(d: Any) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "not fired"
+    return out[0]
+
+
+def test_a_batch_is_one_fdatasync_and_each_message_reads_back(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    items = [(IDS[i], b'{"id": %d}' % i, b"message %d\r\n" % i * (i + 1)) for i in range(5)]
+    done = write(journal, entries(journal, *items))
+    assert fake.fdatasyncs == 1
+    for d, (_, _, message) in zip(done, items, strict=True):
+        location = result(d)
+        assert read_message(journal.directory, location) == message
+    live, problems = live_messages(journal.directory)
+    assert problems == []
+    assert {q: r.envelope for q, r in live.items()} == {q: e for q, e, _ in items}
+
+
+def test_a_done_record_takes_the_message_out_of_the_live_set(tmp_path: Path) -> None:
+    journal = opened(tmp_path)
+    first, _ = (result(d) for d in write(
+        journal, entries(journal, (IDS[0], b"{}", b"a"), (IDS[1], b"{}", b"b"))))
+    journal.append_done(IDS[0], first)
+    done_entry = journal._queue.get_nowait()
+    assert done_entry[0] == DONE
+    journal._report([done_entry], journal.write_batch([done_entry]))
+    live, _ = live_messages(journal.directory)
+    assert list(live) == [IDS[1]]
+
+
+def test_a_failed_write_fails_its_batch_and_leaves_no_garbage(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    write(journal, entries(journal, (IDS[0], b"{}", b"kept")))
+    fake.fail_writev_after = 7  # part of a header reached the file
+    failed = write(journal, entries(journal, (IDS[1], b"{}", b"lost"), (IDS[2], b"{}", b"x")))
+    for d in failed:
+        outcome = result(d)
+        assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
+    fake.fail_writev_after = None
+    write(journal, entries(journal, (IDS[3], b"{}", b"after")))
+    live, problems = live_messages(journal.directory)
+    assert problems == []
+    assert sorted(live) == [IDS[0], IDS[3]]  # nothing after garbage, nothing refused kept
+    number = segment_numbers(journal.directory)[-1]
+    _, good, problem = read_segment(journal.directory / segment_name(number), number)
+    assert problem is None and good == os.path.getsize(journal.directory / segment_name(number))
+
+
+def test_a_failed_fdatasync_fails_its_batch(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    fake.fail_fdatasync = True
+    [d] = write(journal, entries(journal, (IDS[0], b"{}", b"m")))
+    assert isinstance(result(d), Failure)
+    live, _ = live_messages(journal.directory)
+    assert live == {}  # cut back: a message refused is not left to be delivered
+
+
+def test_segments_rotate_and_a_restart_starts_a_new_one(tmp_path: Path) -> None:
+    journal = opened(tmp_path, segment_bytes=200)
+    for i in range(4):
+        write(journal, entries(journal, (IDS[i], b"{}", b"x" * 100)))
+    assert len(segment_numbers(journal.directory)) >= 3
+    journal.stop()
+    again = opened(tmp_path)
+    assert again._number == segment_numbers(journal.directory)[-1]
+    live, problems = live_messages(journal.directory)
+    assert sorted(live) == IDS[:4] and problems == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(min_value=1, max_value=400))
+def test_a_torn_tail_loses_only_the_unacknowledged_end(tmp_path_factory: Any, cut: int) -> None:
+    """A crash in mid-write leaves part of the last batch: everything before it
+    reads back, and a torn newest segment is not reported as damage."""
+    directory = tmp_path_factory.mktemp("torn")
+    journal = opened(directory)
+    write(journal, entries(journal, (IDS[0], b"{}", b"first")))
+    number = journal._number
+    path = journal.directory / segment_name(number)
+    good = os.path.getsize(path)
+    write(journal, entries(journal, (IDS[1], b"{}", b"second" * 40)))
+    whole = os.path.getsize(path)
+    os.truncate(path, max(good, whole - cut))
+    live, problems = live_messages(journal.directory)
+    assert problems == []
+    assert IDS[0] in live
+    assert (IDS[1] in live) is (whole - cut >= whole)
+
+
+def test_damage_in_an_older_segment_is_reported(tmp_path: Path) -> None:
+    journal = opened(tmp_path, segment_bytes=150)
+    write(journal, entries(journal, (IDS[0], b"{}", b"x" * 100)))
+    first = journal._number
+    write(journal, entries(journal, (IDS[1], b"{}", b"y" * 100)))
+    assert journal._number != first
+    path = journal.directory / segment_name(first)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a flipped byte in the message: the checksum catches it
+    path.write_bytes(bytes(data))
+    live, problems = live_messages(journal.directory)
+    assert list(live) == [IDS[1]]
+    assert len(problems) == 1 and problems[0][0] == first and "checksum" in problems[0][1]
+
+
+@given(st.lists(st.tuples(st.sampled_from(IDS[:5]), st.binary(max_size=30),
+                          st.binary(max_size=60), st.booleans()), max_size=12))
+@settings(max_examples=40, deadline=None)
+def test_what_is_written_is_what_reads_back(tmp_path_factory: Any,
+                                           steps: list[tuple[str, bytes, bytes, bool]]) -> None:
+    journal = opened(tmp_path_factory.mktemp("rt"))
+    expected: dict[str, tuple[bytes, bytes]] = {}
+    for queue_id, envelope, message, done in steps:
+        [d] = write(journal, entries(journal, (queue_id, envelope, message)))
+        location = result(d)
+        assert read_message(journal.directory, location) == message
+        expected[queue_id] = (envelope, message)
+        if done:
+            journal.append_done(queue_id, location)
+            entry = journal._queue.get_nowait()
+            journal._report([entry], journal.write_batch([entry]))
+            expected.pop(queue_id)
+    live, problems = live_messages(journal.directory)
+    assert problems == []
+    assert {q: (r.envelope, read_message(journal.directory, r.location))
+            for q, r in live.items()} == expected
+
+
+def test_the_writer_thread_batches_and_reports_through_the_reactor(tmp_path: Path) -> None:
+    """The real thread: appends queued before it starts go out in one batch."""
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    reported: list[Any] = []
+    done = [journal.append_message(IDS[i], b"{}", b"m") for i in range(6)]
+    for d in done:
+        d.addCallback(reported.append)
+    journal.start()
+    journal.stop()  # writes what is queued, then ends
+    assert fake.fdatasyncs == 1
+    assert len(reported) == 6
+    assert len({(loc.segment, loc.offset) for loc in reported}) == 6
+
+
+def test_a_queue_id_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    journal = opened(tmp_path)
+    with pytest.raises(ValueError):
+        journal.append_message("short", b"{}", b"m")
+    with pytest.raises(ValueError):
+        journal.append_message("Ä" * 19, b"{}", b"m")
+    assert journal._queue.empty()  # nothing half-queued
+
+
+def test_a_segment_is_retired_once_its_messages_are_done_and_never_before_an_older_one(
+        tmp_path: Path) -> None:
+    """Done records in a newer segment may be what cancels an older segment's
+    messages: retiring the newer one first would bring those back after a crash."""
+    journal = opened(tmp_path, segment_bytes=150)
+    locations = [append(journal, IDS[i], b"x" * 100) for i in range(3)]
+    run_writer_once(journal)  # the rotations' news reaches the reactor side at once here
+    assert [loc.segment for loc in locations] == [1, 2, 3]
+    journal.append_done(IDS[1], locations[1])
+    run_writer_once(journal)  # the done record does not fit: segment 4
+    assert segment_numbers(journal.directory) == [1, 2, 3, 4]  # 2 waits for 1
+    journal.append_done(IDS[0], locations[0])
+    run_writer_once(journal)
+    assert segment_numbers(journal.directory) == [3, 4]  # 3 holds a live message
+    assert journal.segments_in_use() == [3, 4]
+    live, problems = live_messages(journal.directory)
+    assert list(live) == [IDS[2]] and problems == []
+
+
+def test_the_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
+    class Broken(CountingOS):
+        def fdatasync(self, fd: int) -> None:
+            raise RuntimeError("a bug, not an I/O error")
+
+    journal = opened(tmp_path, Broken())
+    [d] = write(journal, entries(journal, (IDS[0], b"{}", b"m")))
+    assert isinstance(result(d), Failure)
+    journal.os = CountingOS()
+    assert read_message(journal.directory, append(journal, IDS[1], b"later")) == b"later"
+    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
+
+
+def test_a_batch_after_a_lost_segment_starts_a_new_one(tmp_path: Path) -> None:
+    """When even cutting back fails, the segment is given up and the next batch
+    opens a new one instead of writing after garbage."""
+    class NoTruncate(CountingOS):
+        def ftruncate(self, fd: int, length: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    fake = NoTruncate()
+    journal = opened(tmp_path, fake)
+    append(journal, IDS[0])
+    first = journal._number
+    fake.fail_writev_after = 5
+    [refused] = write(journal, entries(journal, (IDS[1], b"{}", b"refused")))
+    assert isinstance(result(refused), Failure)
+    fake.fail_writev_after = None
+    location = append(journal, IDS[2], b"kept")
+    assert location.segment > first
+    assert read_message(journal.directory, location) == b"kept"
+
+
+def test_a_done_segment_written_offline_cancels_a_message(tmp_path: Path) -> None:
+    journal = opened(tmp_path)
+    append(journal, IDS[0])
+    append(journal, IDS[1])
+    journal.stop()
+    write_done_segment(journal.directory, IDS[0])
+    live, problems = live_messages(journal.directory)
+    assert list(live) == [IDS[1]] and problems == []

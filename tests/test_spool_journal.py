@@ -1,0 +1,194 @@
+"""The spool with its journal: small messages journaled, moved to queue files
+when they stay queued, converted at start-up, seen by relaygwctl offline."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.python.failure import Failure
+
+from core_fakes import journaled_spool, queue_message, recipient, sync_run
+from relaygw.envelope import Envelope, RecipientState
+from relaygw.journal import live_messages, segment_name, segment_numbers
+from relaygw.spool import BUFFER_LIMIT, Spool
+
+MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
+
+
+class CountingOS:
+    """``os``, counting the calls that cost the disk, failing writev on request."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.fail_writev = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("fsync", "fdatasync", "link", "rename", "open"):
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return getattr(os, name)
+
+    def writev(self, fd: int, buffers: list[Any]) -> int:
+        if self.fail_writev:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.writev(fd, buffers)
+
+
+def entries_on_disk(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
+def restart(directory: Path) -> Spool:
+    """What start-up does with a spool a crash left: a fresh spool, prepared."""
+    spool = Spool(directory, sync_run)
+    spool.prepare()
+    return spool
+
+
+def test_a_small_message_is_one_journal_append_and_no_queue_file(tmp_path: Path) -> None:
+    fake = CountingOS()
+    spool = journaled_spool(tmp_path / "spool", fake)
+    fake.calls.clear()
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    assert fake.calls == {"fdatasync": 1}
+    assert entries_on_disk(spool.directory) == []
+    assert spool.journaled.keys() == {envelope.id}
+    assert spool.read_message(envelope.id) == MESSAGE
+    spool.cache.discard(envelope.id)
+    with spool.open_message(envelope) as message:
+        assert message.read() == MESSAGE  # from the journal itself
+
+
+def test_a_message_bigger_than_the_buffer_gets_its_queue_file(tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    big = b"x" * (BUFFER_LIMIT + 10) + b"\r\n"
+    envelope = queue_message(spool, [recipient("a@far.test")], data=big)
+    assert spool.journaled == {}
+    assert entries_on_disk(spool.directory) == [f"{envelope.id}.q"]
+    assert spool.read_message(envelope.id) == big
+
+
+def test_a_failed_append_fails_the_commit_and_queues_nothing(tmp_path: Path) -> None:
+    fake = CountingOS()
+    spool = journaled_spool(tmp_path / "spool", fake)
+    fake.fail_writev = True
+    incoming = spool.open_incoming()
+    incoming.write(MESSAGE)
+    outcome: list[Any] = []
+    spool.commit(incoming, Envelope(id=incoming.id, sender="s@src.test",
+                                    recipients=[recipient("a@far.test")],
+                                    received=0.0)).addBoth(outcome.append)
+    [failure] = outcome
+    assert isinstance(failure, Failure) and failure.value.errno == errno.ENOSPC
+    assert spool.journaled == {} and spool.cache.get(incoming.id) is None
+    assert live_messages(spool.journal_directory)[0] == {}
+    assert restart(spool.directory).queue_ids() == []
+
+
+def test_a_message_that_stays_queued_moves_to_a_queue_file_with_its_new_envelope(
+        tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    envelope.recipients[0].state = RecipientState.DEFERRED
+    envelope.recipients[0].attempts = 1
+    spool.cache.discard(envelope.id)  # read back from the journal for the move
+    spool.save(envelope)
+    assert spool.journaled == {}
+    assert entries_on_disk(spool.directory) == [f"{envelope.id}.q"]  # no ID.env needed
+    assert live_messages(spool.journal_directory)[0] == {}  # its done record is written
+    later = restart(spool.directory)
+    assert later.read_message(envelope.id) == MESSAGE
+    assert later.load(envelope.id).recipients[0].attempts == 1
+    # once in its file, the next save is the usual ID.env
+    envelope.recipients[0].attempts = 2
+    spool.save(envelope)
+    assert Spool(spool.directory, sync_run).load(envelope.id).recipients[0].attempts == 2
+
+
+def test_a_delivered_message_leaves_only_a_done_record(tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    done: list[object] = []
+    spool.remove(envelope.id).addCallback(done.append)
+    assert done == [None]
+    assert spool.journaled == {} and spool.cache.get(envelope.id) is None
+    assert live_messages(spool.journal_directory)[0] == {}
+    assert restart(spool.directory).queue_ids() == []  # a crash now brings nothing back
+
+
+def test_start_up_gives_every_journaled_message_a_queue_file(tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    kept = [queue_message(spool, [recipient(f"{n}@far.test")], data=MESSAGE + b"%d\r\n" % n)
+            for n in range(3)]
+    delivered = queue_message(spool, [recipient("gone@far.test")], data=MESSAGE)
+    spool.remove(delivered.id)
+    # kill -9: nothing stopped, nothing flushed beyond what was acknowledged
+    later = restart(spool.directory)
+    assert sorted(later.queue_ids()) == sorted(e.id for e in kept)
+    assert segment_numbers(later.journal_directory) == []  # all retired
+    recovered = {e.id: e for e in later.recover()}
+    for n, envelope in enumerate(kept):
+        assert later.read_message(envelope.id) == MESSAGE + b"%d\r\n" % n
+        assert recovered[envelope.id].recipients[0].address == f"{n}@far.test"
+    assert restart(spool.directory).queue_ids() == sorted(e.id for e in kept)  # idempotent
+
+
+def test_a_message_already_in_its_queue_file_is_not_written_again(tmp_path: Path) -> None:
+    """Moved to its file, then a crash before its done record was written: the
+    file (perhaps with an ID.env) is the truth."""
+    spool = journaled_spool(tmp_path / "spool")
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    location = spool.journaled[envelope.id]
+    spool._materialize(envelope.id, envelope.to_bytes(), MESSAGE, location)  # no done record
+    envelope.recipients[0].attempts = 3
+    spool._save(envelope.id, envelope.to_bytes())
+    before = spool.message_path(envelope.id).read_bytes()
+    later = restart(spool.directory)
+    assert spool.message_path(envelope.id).read_bytes() == before
+    assert later.load(envelope.id).recipients[0].attempts == 3
+
+
+def test_a_damaged_segment_is_kept_in_corrupt_after_what_it_held_before(
+        tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    first = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    lost = queue_message(spool, [recipient("b@far.test")], data=MESSAGE)
+    number = spool.journaled[lost.id].segment
+    spool.journal._rotate()  # a newer segment: the damage is not a torn tail
+    third = queue_message(spool, [recipient("c@far.test")], data=MESSAGE)
+    path = spool.journal_directory / segment_name(number)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the second message
+    path.write_bytes(bytes(data))
+    later = restart(spool.directory)
+    assert later.queue_ids() == sorted([first.id, third.id])
+    assert (spool.directory / "corrupt" / f"journal-{path.name}").exists()
+
+
+def test_relaygwctl_sees_and_changes_journaled_messages_while_relaygw_is_stopped(
+        tmp_path: Path) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    held = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    deleted = queue_message(spool, [recipient("b@far.test")], data=MESSAGE)
+    offline = Spool(spool.directory, sync_run)  # what relaygwctl opens
+    assert offline.queue_ids() == sorted([held.id, deleted.id])
+    envelope = offline.load(held.id)
+    with offline.open_message(envelope) as message:
+        assert message.read() == MESSAGE
+    envelope.held = True
+    offline.save(envelope)
+    offline.remove(deleted.id)
+    later = restart(spool.directory)
+    assert later.queue_ids() == [held.id]
+    assert later.load(held.id).held is True
+    assert later.read_message(held.id) == MESSAGE
+
+
+def test_without_a_journal_every_message_gets_its_queue_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", sync_run)
+    spool.prepare()
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    assert entries_on_disk(spool.directory) == [f"{envelope.id}.q"]
+    assert not spool.journal_directory.exists()
