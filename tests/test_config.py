@@ -114,6 +114,8 @@ def test_embedded_default() -> None:
     assert config.hostname == "mx.example.test"
     assert config.listeners == (ListenerConfig("tcp:2525:interface=127.0.0.1", "smtp"),)
     assert config.queue.directory == Path("var/spool")
+    assert config.queue.journal is True
+    assert parse_config(f"{LISTENER}[queue]\njournal = false\n").queue.journal is False
     assert config.relay.trusted_networks == (ipaddress.ip_network("127.0.0.0/8"),
                                              ipaddress.ip_network("::1/128"))
     local, catch_all = config.routes
@@ -376,6 +378,7 @@ BAD = [
     ("mx-port-zero", f"{LISTENER}[relay]\nmx_port = 0\n", "relay.mx_port"),
     ("mx-port-high", f"{LISTENER}[relay]\nmx_port = 65536\n", "relay.mx_port"),
     ("concurrency-zero", f"{LISTENER}[queue]\nconcurrency = 0\n", "queue.concurrency"),
+    ("journal-type", f'{LISTENER}[queue]\njournal = "yes"\n', "queue.journal"),
     ("per-destination-negative", f"{LISTENER}[queue]\nper_destination = -1\n",
      "queue.per_destination"),
     # endpoints

@@ -166,12 +166,15 @@ def test_queue_limits_change_live(tmp_path: Path) -> None:
     gateway, path = make_gateway(tmp_path)
     text = path.read_text().replace("concurrency = 5", "concurrency = 7\nmax_age = \"1d\"")
     text = text.replace(str(tmp_path / "spool"), str(tmp_path / "elsewhere"))
-    text = text.replace('retry_schedule = ["1m", "5m"]', 'retry_schedule = ["30s"]')
+    text = text.replace('retry_schedule = ["1m", "5m"]',
+                        'retry_schedule = ["30s"]\njournal = false')
     path.write_text(text)
     with Logged() as logged:
         assert gateway.reload_from(path)
     assert logged.lines(LogLevel.warn) == [
-        "reload: needs a restart: queue.directory (the running value stays)"]
+        "reload: needs a restart: queue.directory (the running value stays)",
+        "reload: needs a restart: queue.journal (the running value stays)"]
+    assert gateway.config.queue.journal is True and gateway.spool.journal is not None
     queue = gateway.scheduler.config
     assert queue.retry_schedule == (30.0,)
     assert queue.max_age == 86400.0
