@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
+from relaygw import journal as journal_module
 from relaygw.journal import (
     DONE,
+    MESSAGE,
     Journal,
+    frame,
     live_messages,
+    message_payload,
     read_message,
     read_segment,
     segment_name,
@@ -307,3 +312,118 @@ def test_a_done_segment_written_offline_cancels_a_message(tmp_path: Path) -> Non
     write_done_segment(journal.directory, IDS[0])
     live, problems = live_messages(journal.directory)
     assert list(live) == [IDS[1]] and problems == []
+
+
+def test_a_batch_bigger_than_iov_max_is_written_whole(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "IOV_MAX", 4)
+    journal = opened(tmp_path)
+    items = [(IDS[i], b"{}", b"m%d" % i) for i in range(11)]
+    for d, (_, _, message) in zip(write(journal, entries(journal, *items)), items, strict=True):
+        assert read_message(journal.directory, result(d)) == message
+    assert len(live_messages(journal.directory)[0]) == 11
+
+
+def test_done_records_of_a_failed_batch_go_out_with_the_next(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    location = append(journal, IDS[0])
+    fake.fail_fdatasync = True
+    journal.append_done(IDS[0], location)
+    run_writer_once(journal)
+    assert IDS[0] in live_messages(journal.directory)[0]  # cut back with its batch
+    fake.fail_fdatasync = False
+    append(journal, IDS[1])
+    run_writer_once(journal)
+    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
+
+
+def test_a_segment_that_cannot_be_unlinked_holds_back_every_newer_one(tmp_path: Path) -> None:
+    class StuckUnlink(CountingOS):
+        stuck = True
+
+        def unlink(self, path: Any) -> None:
+            if self.stuck and str(path).endswith(segment_name(1)):
+                raise OSError(errno.EIO, "Input/output error")
+            os.unlink(path)
+
+    fake = StuckUnlink()
+    journal = opened(tmp_path, fake, segment_bytes=150)
+    locations = [append(journal, IDS[i], b"x" * 100) for i in range(3)]
+    run_writer_once(journal)
+    journal.append_done(IDS[0], locations[0])
+    journal.append_done(IDS[1], locations[1])
+    run_writer_once(journal)
+    assert segment_numbers(journal.directory)[:2] == [1, 2]  # 2 waits behind 1
+    fake.stuck = False
+    append(journal, IDS[3])
+    run_writer_once(journal)
+    assert segment_numbers(journal.directory)[0] == 3
+
+
+def test_a_segment_whose_name_is_not_durable_is_never_written(tmp_path: Path) -> None:
+    class FailingDirectorySync(CountingOS):
+        fail = False
+
+        def fsync(self, fd: int) -> None:
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+            os.fsync(fd)
+
+    fake = FailingDirectorySync()
+    journal = opened(tmp_path, fake, segment_bytes=150)
+    append(journal, IDS[0], b"x" * 100)
+    fake.fail = True
+    [d] = write(journal, entries(journal, (IDS[1], b"{}", b"y" * 100)))  # needs a new segment
+    assert isinstance(result(d), Failure)
+    assert journal._fd is None and segment_numbers(journal.directory) == [1]
+    fake.fail = False
+    location = append(journal, IDS[2], b"z")
+    assert location.segment == 3 and segment_numbers(journal.directory) == [1, 3]
+
+
+def test_damage_in_the_newest_segment_is_told_from_a_torn_tail(tmp_path: Path) -> None:
+    journal = opened(tmp_path)
+    append(journal, IDS[0], b"first")
+    append(journal, IDS[1], b"second")
+    path = journal.directory / segment_name(journal._number)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # inside the first record: a good one follows
+    path.write_bytes(bytes(data))
+    live, problems = live_messages(journal.directory)
+    assert live == {}  # nothing after the damage is taken, even well formed
+    assert [number for number, _ in problems] == [journal._number]
+
+
+def test_a_message_body_holding_a_record_is_never_read_as_one(tmp_path: Path) -> None:
+    """A client could send a well-formed record as its message: if the real
+    record around it is torn, the one inside must not come to life."""
+    journal = opened(tmp_path)
+    forged = frame(MESSAGE, message_payload(IDS[9], b'{"forged": true}', b"spam"))
+    append(journal, IDS[0], b"head " + forged + b" tail")
+    path = journal.directory / segment_name(journal._number)
+    os.truncate(path, os.path.getsize(path) - 3)  # torn
+    live, problems = live_messages(journal.directory)
+    assert live == {}
+    assert problems == [(journal._number, problems[0][1])]  # a record follows: damage
+
+
+def test_appends_after_stop_are_written_at_once(tmp_path: Path) -> None:
+    journal = opened(tmp_path)
+    journal.start()
+    location = append_threaded(journal, IDS[0])
+    journal.stop()
+    journal.append_done(IDS[0], location)  # an attempt that ended after the stop
+    later = journal.append_message(IDS[1], b"{}", b"late bounce")
+    assert read_message(journal.directory, result(later)) == b"late bounce"
+    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
+
+
+def append_threaded(journal: Journal, queue_id: str) -> Any:
+    """An append through the real writer thread (NowReactor reports at once)."""
+    done = threading.Event()
+    out: list[Any] = []
+    journal.append_message(queue_id, b"{}", b"m").addCallback(out.append).addBoth(
+        lambda _: done.set())
+    assert done.wait(10)
+    return out[0]

@@ -8,11 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from core_fakes import journaled_spool, queue_message, recipient, sync_run
+from relaygw import spool as spool_module
 from relaygw.envelope import Envelope, RecipientState
-from relaygw.journal import live_messages, segment_name, segment_numbers
+from relaygw.journal import Journal, live_messages, segment_name, segment_numbers
 from relaygw.spool import BUFFER_LIMIT, Spool
 
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
@@ -164,7 +167,9 @@ def test_a_damaged_segment_is_kept_in_corrupt_after_what_it_held_before(
     path.write_bytes(bytes(data))
     later = restart(spool.directory)
     assert later.queue_ids() == sorted([first.id, third.id])
-    assert (spool.directory / "corrupt" / f"journal-{path.name}").exists()
+    [kept] = (spool.directory / "corrupt").iterdir()
+    assert kept.name.startswith("journal-") and kept.name.endswith(path.name)
+    assert kept.read_bytes() == bytes(data)
 
 
 def test_relaygwctl_sees_and_changes_journaled_messages_while_relaygw_is_stopped(
@@ -192,3 +197,72 @@ def test_without_a_journal_every_message_gets_its_queue_file(tmp_path: Path) -> 
     envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
     assert entries_on_disk(spool.directory) == [f"{envelope.id}.q"]
     assert not spool.journal_directory.exists()
+
+
+class ManualRunner:
+    """A blocking runner whose jobs wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, fn: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((d, fn, args))
+        return d
+
+    def run_all(self) -> None:
+        while self.waiting:
+            d, fn, args = self.waiting.pop(0)
+            d.callback(fn(*args))
+
+
+def small_segments(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                   run_blocking: Any = sync_run, per_segment: int = 1) -> Spool:
+    """A journaled spool whose segments hold ``per_segment`` messages, and that
+    moves what lingers as soon as two segments are in use."""
+    monkeypatch.setattr(spool_module, "KEEP_SEGMENTS", 1)
+    journal = Journal(directory / "journal", None, threaded=False,
+                      segment_bytes=420 * per_segment)
+    spool = Spool(directory, run_blocking, journal=journal)
+    spool.prepare()
+    return spool
+
+
+def test_a_message_that_lingers_in_the_journal_moves_to_a_queue_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parked behind a dead next hop, it would keep its segment and every later
+    one on disk; moved, it frees them."""
+    spool = small_segments(tmp_path / "spool", monkeypatch)
+    parked = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
+    for n in range(4):  # relayed at once
+        envelope = queue_message(spool, [recipient(f"{n}@far.test")], data=MESSAGE)
+        spool.remove(envelope.id)
+    assert spool.journaled == {}
+    assert entries_on_disk(spool.directory) == [f"{parked.id}.q"]
+    assert len(segment_numbers(spool.journal_directory)) <= 2  # retired behind it
+    later = restart(spool.directory)
+    assert later.queue_ids() == [parked.id]
+    assert later.load(parked.id).recipients[0].address == "a@dead.test"
+    assert later.read_message(parked.id) == MESSAGE
+
+
+def test_a_save_or_removal_during_a_move_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = ManualRunner()
+    spool = small_segments(tmp_path / "spool", monkeypatch, runner, per_segment=2)
+    saved = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
+    removed = queue_message(spool, [recipient("b@dead.test")], data=MESSAGE)
+    queue_message(spool, [recipient("c@far.test")], data=MESSAGE)
+    assert len(runner.waiting) == 2  # both moves asked for, neither run
+    saved.recipients[0].attempts = 1
+    outcomes: list[object] = []
+    spool.save(saved).addBoth(outcomes.append)
+    spool.remove(removed.id).addBoth(outcomes.append)
+    assert outcomes == []
+    runner.run_all()
+    assert outcomes == [None, None]
+    assert entries_on_disk(spool.directory) == sorted(
+        [f"{saved.id}.q", f"{saved.id}.env"])
+    later = restart(spool.directory)
+    assert removed.id not in later.queue_ids()
+    assert later.load(saved.id).recipients[0].attempts == 1

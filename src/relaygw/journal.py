@@ -44,7 +44,7 @@ import queue
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,9 @@ MESSAGE = b"M"
 DONE = b"D"
 RETIRE = b"X"  # not a record: the writer thread unlinks a segment
 ID_LENGTH = 19
-SEGMENT_BYTES = 64 * 1024 * 1024
+SEGMENT_BYTES = 16 * 1024 * 1024
 MAX_RECORD = 1 << 31
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Location:
     segment: int
     offset: int  # of the message bytes, past the envelope
     length: int
+    envelope_length: int = 0  # the envelope JSON ends where the message begins
 
 
 @dataclass(frozen=True)
@@ -112,26 +114,53 @@ def segment_numbers(directory: Path) -> list[int]:
 
 def read_segment(path: Path, number: int) -> tuple[list[Record], int, str | None]:
     """The records of one segment, the length of its good part, and why it ended
-    early (None when every byte checked out)."""
-    data = path.read_bytes()
+    early (None when every byte checked out). Nothing after a bad record is
+    ever taken: a message's own bytes could hold a well-formed record."""
+    records, good, problem, _ = _read_segment(path.read_bytes(), number)
+    return records, good, problem
+
+
+def _read_segment(data: bytes, number: int) -> tuple[list[Record], int, str | None, bool]:
+    """``read_segment``, and whether what ended it looks like a torn tail: no
+    well-formed record anywhere after it (else it is damage)."""
     records: list[Record] = []
     offset = 0
     while offset < len(data):
-        if len(data) - offset < HEADER.size:
-            return records, offset, f"a record header cut short at {offset}"
-        magic, kind, length, crc = HEADER.unpack_from(data, offset)
-        start = offset + HEADER.size
-        if magic != MAGIC or kind not in (MESSAGE, DONE) or length > len(data) - start:
-            return records, offset, f"a record that does not check out at {offset}"
-        payload = data[start:start + length]
-        if zlib.crc32(payload, zlib.crc32(kind)) != crc:
-            return records, offset, f"a record whose checksum is wrong at {offset}"
-        record = _parse(kind, payload, number, start)
+        record, end, problem = _record_at(data, offset, number)
         if record is None:
-            return records, offset, f"a record that does not parse at {offset}"
+            return records, offset, f"{problem} at {offset}", not _record_follows(
+                data, offset, number)
         records.append(record)
-        offset = start + length
-    return records, offset, None
+        offset = end
+    return records, offset, None, True
+
+
+def _record_at(data: bytes, offset: int, number: int) -> tuple[Record | None, int, str]:
+    """The record starting at ``offset`` and where it ends, or None and why not."""
+    if len(data) - offset < HEADER.size:
+        return None, offset, "a record header cut short"
+    magic, kind, length, crc = HEADER.unpack_from(data, offset)
+    start = offset + HEADER.size
+    if magic != MAGIC or kind not in (MESSAGE, DONE) or length > len(data) - start:
+        return None, offset, "a record that does not check out"
+    payload = data[start:start + length]
+    if zlib.crc32(payload, zlib.crc32(kind)) != crc:
+        return None, offset, "a record whose checksum is wrong"
+    record = _parse(kind, payload, number, start)
+    if record is None:
+        return None, offset, "a record that does not parse"
+    return record, start + length, ""
+
+
+def _record_follows(data: bytes, offset: int, number: int) -> bool:
+    """Whether a well-formed record starts anywhere after ``offset`` (used only
+    to tell damage from a torn tail, never to read on)."""
+    at = data.find(MAGIC, offset + 1)
+    while at >= 0:
+        if _record_at(data, at, number)[0] is not None:
+            return True
+        at = data.find(MAGIC, at + 1)
+    return False
 
 
 def _parse(kind: bytes, payload: bytes, number: int, start: int) -> Record | None:
@@ -150,23 +179,25 @@ def _parse(kind: bytes, payload: bytes, number: int, start: int) -> Record | Non
     if body > len(payload):
         return None
     return Record(MESSAGE, queue_id, payload[ID_LENGTH + 4:body],
-                  Location(number, start + body, len(payload) - body))
+                  Location(number, start + body, len(payload) - body, envelope_length))
 
 
 def live_messages(directory: Path) -> tuple[dict[str, Record], list[tuple[int, str]]]:
     """The messages still in the journal (a message record with no later done
-    record), and the damaged segments as (number, problem): a torn tail in the
-    newest segment is expected after a crash and not a problem; damage
-    anywhere else is. A segment retired while this reads is skipped."""
+    record), and the damaged segments as (number, problem). A torn tail of the
+    newest segment (nothing well formed after the bad spot) is what a crash in
+    mid-write leaves, appends never acknowledged: not a problem. Anything else
+    that does not check out is. A segment retired while this reads is skipped."""
     live: dict[str, Record] = {}
     problems: list[tuple[int, str]] = []
     numbers = segment_numbers(directory)
     for number in numbers:
         try:
-            records, _, problem = read_segment(directory / segment_name(number), number)
+            data = (directory / segment_name(number)).read_bytes()
         except FileNotFoundError:
             continue
-        if problem is not None and number != numbers[-1]:
+        records, _, problem, torn = _read_segment(data, number)
+        if problem is not None and not (torn and number == numbers[-1]):
             problems.append((number, problem))
         for record in records:
             if record.kind == MESSAGE:
@@ -229,12 +260,19 @@ class Journal:
         # and the newest segment it has heard of (never retired).
         self._live: dict[int, int] = {}
         self._newest = 0
+        # Told of each new segment (reactor thread): the spool moves what lingers.
+        self.on_segment_started: Callable[[int], None] | None = None
+        # The writer thread's: done records to write again, segments to retire.
+        self._unwritten_done: list[Entry] = []
+        self._to_retire: list[int] = []
 
     # --- the reactor thread -------------------------------------------------------
 
     def open(self) -> None:
         """Start a new segment after any there are (blocking; at start-up)."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(mode=0o700, parents=True)
+            fsync_directory(self.directory.parent, self.os)  # its name outlives a crash
         numbers = segment_numbers(self.directory)
         self._start_segment((numbers[-1] + 1) if numbers else 1)
         self._segment_started(self._number)
@@ -246,14 +284,15 @@ class Journal:
         self._thread.start()
 
     def stop(self) -> None:
-        """Write what is queued, then end the writer (blocking)."""
+        """Write what is queued, then end the writer (blocking). Appends made
+        after this (an attempt cut at shutdown ending late) are written at once,
+        in the caller's thread: nothing is left queued for a thread that is gone."""
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._fd is not None:
-            self.os.close(self._fd)
-            self._fd = None
+        self.threaded = False
+        self._write_inline()  # what came after the sentinel
 
     def append_message(self, queue_id: str, envelope: bytes,
                        message: bytes) -> Deferred[Location]:
@@ -300,6 +339,8 @@ class Journal:
         self._live.setdefault(number, 0)
         self._newest = max(self._newest, number)
         self._retire_done()
+        if self.on_segment_started is not None:
+            self.on_segment_started(number)
 
     def _retire_done(self) -> None:
         """Hand the writer the oldest segments that hold no live message."""
@@ -324,14 +365,18 @@ class Journal:
 
     def handle(self, batch: list[Entry | None]) -> bool:
         """Write one batch's records, then retire what it names (writer thread);
-        True when it holds the stop sentinel."""
-        records = [e for e in batch if e is not None and e[0] != RETIRE]
+        True when it holds the stop sentinel. Done records of a batch that
+        failed go out with the next one: dropped, they would bring delivered
+        mail back at the next start."""
+        records = self._unwritten_done + [e for e in batch if e is not None and e[0] != RETIRE]
+        self._unwritten_done = []
         if records:
             outcome = self.write_batch(records)
+            if isinstance(outcome, Failure):
+                self._unwritten_done = [e for e in records if e[0] == DONE]
             self._to_reactor(self._report, records, outcome)
-        for entry in batch:
-            if entry is not None and entry[0] == RETIRE:
-                self._retire(int(entry[1]))
+        self._to_retire.extend(int(e[1]) for e in batch if e is not None and e[0] == RETIRE)
+        self._retire_in_order()
         return None in batch
 
     def write_batch(self, entries: list[Entry]) -> list[Location] | Failure:
@@ -363,7 +408,8 @@ class Journal:
             if kind == MESSAGE:
                 (envelope_length,) = struct.unpack_from(">I", payload, ID_LENGTH)
                 body = offset + HEADER.size + ID_LENGTH + 4 + envelope_length
-                locations.append(Location(self._number, body, offset + len(whole) - body))
+                locations.append(Location(self._number, body, offset + len(whole) - body,
+                                          envelope_length))
             else:
                 locations.append(Location(self._number, offset, 0))
             offset += len(whole)
@@ -372,7 +418,7 @@ class Journal:
     def _write_all(self, frames: list[bytes]) -> None:
         views = [memoryview(f) for f in frames]
         while views:
-            written = self.os.writev(self._fd, views)
+            written = self.os.writev(self._fd, views[:IOV_MAX])  # more is EINVAL
             if written <= 0:
                 raise OSError(5, "short write to the journal")
             while views and written >= len(views[0]):
@@ -405,23 +451,40 @@ class Journal:
         self._to_reactor(self._segment_started, self._number)
 
     def _start_segment(self, number: int) -> None:
+        """Open a new segment; it is written to only once its name is durable
+        (fdatasync of the file alone does not promise its directory entry)."""
         path = self.directory / segment_name(number)
-        self._number = number  # taken even if the open fails: the next try moves on
-        self._fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                                | os.O_CLOEXEC, 0o600)
-        self._size = 0
-        fsync_directory(self.directory, self.os)  # the new segment's name outlives a crash
-
-    def _retire(self, number: int) -> None:
-        """Unlink a segment whose messages are all done, durably: one that came
-        back after a crash would bring back mail that was delivered."""
+        self._number = number  # taken even if this fails: the next try moves on
+        fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                          | os.O_CLOEXEC, 0o600)
         try:
-            self.os.unlink(self.directory / segment_name(number))
             fsync_directory(self.directory, self.os)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            pass  # left for the next start-up, which retires every segment it reads
+        except BaseException:
+            self.os.close(fd)
+            try:
+                self.os.unlink(path)
+            except OSError:
+                pass
+            raise
+        self._fd = fd
+        self._size = 0
+
+    def _retire_in_order(self) -> None:
+        """Unlink the segments handed over, oldest first, durably, stopping at one
+        that fails (tried again after the next batch): a newer one must never go
+        before an older one, whose messages its done records may cancel, and one
+        that came back after a crash would bring back mail that was delivered."""
+        while self._to_retire:
+            number = min(self._to_retire)
+            try:
+                try:
+                    self.os.unlink(self.directory / segment_name(number))
+                except FileNotFoundError:
+                    pass
+                fsync_directory(self.directory, self.os)
+            except OSError:
+                return
+            self._to_retire.remove(number)
 
     # --- back in the reactor thread -------------------------------------------------
 

@@ -43,6 +43,7 @@ injectable ``os`` stand-in so tests can make writes fail.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import itertools
@@ -83,6 +84,7 @@ RECOVERY_BATCH = 1000  # entries read per trip to the thread pool at start-up
 ENTRY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP,
                           errno.ENAMETOOLONG, errno.ENOTDIR})
 O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # 0 where the platform has none
+KEEP_SEGMENTS = 4      # journal segments in use before lingering messages move to files
 TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
 RawRecord = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
 _ids = itertools.count()
@@ -126,6 +128,25 @@ def _is_entry_name(stem: str) -> bool:
     """Letters, digits, '-' and '_' only: what relaygw's ids (and the ids of
     hand-made test entries) are made of."""
     return stem.isascii() and stem != "" and stem.replace("-", "").replace("_", "").isalnum()
+
+
+_libc: Any = None
+
+
+def sync_file_system(fd: int) -> bool:
+    """``syncfs(2)`` on the file system holding ``fd``: every write so far made
+    durable at once. False where the C library has none (then fsync each)."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = _libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    if syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return True
 
 
 def is_queue_id(text: str) -> bool:
@@ -190,6 +211,11 @@ class Spool:
         self.journal = journal
         # Messages in the journal and in no queue file (yet), where their bytes are.
         self.journaled: dict[str, Location] = {}
+        # Journaled messages being moved to queue files for lingering, and what
+        # waits for each move to end (a save or removal of that message).
+        self._moving: dict[str, list[Callable[[], None]]] = {}
+        if journal is not None:
+            journal.on_segment_started = self._journal_grew
         self._journal_on_disk: dict[str, Record] | None = None  # read once, without a writer
         self._directory = str(self.directory)  # for the hot paths: no Path objects
         self.run_blocking = run_blocking
@@ -234,11 +260,15 @@ class Spool:
         segment (blocking; at start-up, before ``scan``): after a crash or a
         stop, the queue is files alone again. Returns how many it converted.
 
-        A message that has a queue file already was moved out of the journal
-        before its done record was written (the file is complete: it was named
-        only after its fsync). A segment damaged before its end goes to
-        ``corrupt/`` once what it held before the damage is converted; a torn
-        tail of the newest segment held only appends never acknowledged."""
+        The files are written as ``tmp-ID``, made durable together (one
+        ``syncfs``; an fsync each where there is none), and only then renamed
+        to ``ID.q``: a crash in between leaves temp files that ``scan`` removes
+        and a journal that is converted again. A message that has a queue file
+        already was moved out of the journal before its done record was
+        written, and the file is complete (named only once durable): it is
+        kept. A damaged segment goes to ``corrupt/`` (never overwritten) once
+        what it held before the damage is queued; a torn tail of the newest
+        segment held only appends never acknowledged."""
         directory = self.journal_directory
         if not directory.is_dir():
             return 0
@@ -246,20 +276,32 @@ class Spool:
         if not numbers:
             return 0
         live, problems = live_messages(directory)
-        converted = 0
+        damaged = dict(problems)
+        written: list[str] = []
         for queue_id, record in live.items():
+            assert record.location is not None
             if not is_queue_id(queue_id):
-                self.log.warn("spool: journal record {id!r} is no queue id; skipped",
-                              id=queue_id)
+                damaged.setdefault(record.location.segment, f"a record for {queue_id!r}")
                 continue
             if os.path.exists(self.message_path(queue_id)):
                 continue
-            assert record.location is not None
-            incoming = Incoming(self, queue_id)
-            incoming.write(read_journaled(directory, record.location))
-            self._commit(incoming, record.envelope)
-            converted += 1
-        damaged = dict(problems)
+            message = read_journaled(directory, record.location)
+            with open(f"{self._directory}/tmp-{queue_id}", "wb") as temp:
+                temp.write(message)
+                temp.write(record.envelope)
+                temp.write(trailer_footer(len(record.envelope)))
+            written.append(queue_id)
+        if written:
+            if not sync_file_system(self._directory_descriptor()):
+                for queue_id in written:
+                    fd = os.open(f"{self._directory}/tmp-{queue_id}", os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            for queue_id in written:
+                os.rename(f"{self._directory}/tmp-{queue_id}", self.message_path(queue_id))
+            self._fsync_directory()
         for number in numbers:
             path = directory / segment_name(number)
             if number in damaged:
@@ -268,14 +310,15 @@ class Spool:
                                " corrupt/", name=path.name, problem=damaged[number])
                 corrupt = self.directory / "corrupt"
                 corrupt.mkdir(mode=0o700, exist_ok=True)
-                os.replace(path, corrupt / f"journal-{path.name}")
+                os.replace(path, corrupt / f"journal-{new_queue_id()}-{path.name}")
+                self._fsync_directory()
             else:
                 os.unlink(path)
         fsync_directory(directory)
-        if converted:
+        if written:
             self.log.info("spool: {count} messages moved from the journal to queue files",
-                          count=converted)
-        return converted
+                          count=len(written))
+        return len(written)
 
     def _journal_left_on_disk(self) -> dict[str, Record]:
         """The journal's live messages as a spool without a writer sees them
@@ -547,6 +590,8 @@ class Spool:
         queued is a file that ``ls`` and ``tail -c`` show, and the journal only
         holds messages in their first attempt. (The scheduler never has two
         spool operations on one message in flight.)"""
+        if envelope.id in self._moving:
+            return self._after_move(envelope.id, lambda: self.save(envelope))
         location = self.journaled.get(envelope.id)
         if location is not None:
             d = self.run_blocking(self._materialize, envelope.id, envelope.to_bytes(),
@@ -569,6 +614,49 @@ class Spool:
         incoming = Incoming(self, queue_id)
         incoming.write(message)
         self._commit(incoming, envelope_bytes)
+
+    def _journal_grew(self, number: int) -> None:
+        """A new segment: if more than KEEP_SEGMENTS are in use, move the messages
+        still live in the oldest to queue files (with the envelope they were
+        committed with, the latest durable one). Mail parked behind a dead
+        next hop, or waiting long for its turn, would otherwise keep that
+        segment and every later one on disk, and make the start-up conversion
+        long. Failed moves are tried again at the next segment."""
+        assert self.journal is not None
+        in_use = self.journal.segments_in_use()
+        if len(in_use) <= KEEP_SEGMENTS:
+            return
+        oldest = in_use[0]
+        for queue_id, location in list(self.journaled.items()):
+            if location.segment == oldest and queue_id not in self._moving:
+                self._moving[queue_id] = []
+                d = self.run_blocking(self._move_to_file, queue_id,
+                                      self.cache.get(queue_id), location)
+                d.addBoth(self._moved, queue_id, location)
+
+    def _move_to_file(self, queue_id: str, message: bytes | None, location: Location) -> None:
+        envelope = read_journaled(self.journal_directory, Location(
+            location.segment, location.offset - location.envelope_length,
+            location.envelope_length))
+        self._materialize(queue_id, envelope, message, location)
+
+    def _moved(self, result: object, queue_id: str, location: Location) -> None:
+        waiting = self._moving.pop(queue_id, [])
+        if isinstance(result, Failure):
+            self.log.error("spool: cannot move {id} from the journal to a queue file: "
+                           "{error}; it stays in the journal", id=queue_id,
+                           error=result.getErrorMessage())
+        else:
+            self._materialized(None, queue_id, location)
+        for resume in waiting:
+            resume()
+
+    def _after_move(self, queue_id: str, operation: Callable[[], Deferred[None]]
+                    ) -> Deferred[None]:
+        """``operation`` once the move of ``queue_id`` has ended, either way."""
+        d: Deferred[None] = Deferred()
+        self._moving[queue_id].append(lambda: operation().chainDeferred(d))
+        return d
 
     def _materialized(self, result: None, queue_id: str, location: Location) -> None:
         if self.journaled.get(queue_id) == location:
@@ -595,6 +683,8 @@ class Spool:
         crash brings back is delivered again (at least once, never lost).
 
         A journaled message only needs its done record, which is not waited for."""
+        if queue_id in self._moving:
+            return self._after_move(queue_id, lambda: self.remove(queue_id))
         self.cache.discard(queue_id)
         location = self.journaled.pop(queue_id, None)
         if location is not None and self.journal is not None:
