@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from relaygw import journal as journal_module
 from relaygw.journal import (
     DONE,
+    MAGIC,
     MESSAGE,
     Journal,
     frame,
@@ -427,3 +428,29 @@ def append_threaded(journal: Journal, queue_id: str) -> Any:
         lambda _: done.set())
     assert done.wait(10)
     return out[0]
+
+
+def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message body stuffed with record headers that each claim the rest of
+    the segment: without a bound, every one of them would be checksummed."""
+    fake_header = journal_module.HEADER.pack(MAGIC, MESSAGE, 0, 0)
+    size = journal_module.HEADER.size
+    count = 4000
+    body = b"".join(fake_header[:5] + (size * (count - 1 - n)).to_bytes(4, "big")
+                    + fake_header[9:] for n in range(count))  # each claims the rest
+    data = b"garbage!" + body
+    checked = [0]
+    real_crc32 = journal_module.zlib.crc32
+
+    class CountingZlib:
+        @staticmethod
+        def crc32(data: Any, value: int = 0) -> int:
+            checked[0] += len(data)
+            return real_crc32(data, value)
+
+    monkeypatch.setattr(journal_module, "zlib", CountingZlib)
+    records, good, problem, torn = journal_module._read_segment(data, 1)
+    assert records == [] and good == 0 and problem is not None
+    assert torn is False  # given up on: kept as damage, nothing lost
+    assert checked[0] <= 2 * len(data) + size * count  # not ~size * count**2 / 2

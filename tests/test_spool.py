@@ -39,7 +39,7 @@ def make_spool(directory: Path, os_module: object = os, unnamed: bool | None = N
 
 
 # Both ways of writing a new message: an unnamed file named at commit, and the
-# fallback, a tmp-ID file renamed.
+# fallback, a tmp-ID file linked to its name.
 both_ways = pytest.mark.parametrize("unnamed", [True, False],
                                     ids=["unnamed file", "named temp file"])
 
@@ -194,9 +194,9 @@ def count_commit_calls(tmp_path: Path, unnamed: bool) -> list[str]:
 def test_commit_makes_every_step_durable(tmp_path: Path, unnamed: bool) -> None:
     calls = count_commit_calls(tmp_path, unnamed)
     # the queue file created (lazily, in the commit), message and envelope trailer
-    # written and fsynced; named (a link, or a rename of the temp file); the
-    # directory fsynced
-    assert calls == ["open", "write", "fsync", "link" if unnamed else "rename", "fsync"]
+    # written and fsynced; named (a link of the unnamed file, or of the temp file,
+    # which never replaces a name); the directory fsynced
+    assert calls == ["open", "write", "fsync", "link", "fsync"]
 
 
 @both_ways
@@ -655,3 +655,18 @@ def test_concurrent_directory_syncs_share_one_fsync(tmp_path: Path) -> None:
     assert fake.fsyncs == 2
     spool._fsync_directory()
     assert fake.fsyncs == 3
+
+
+@both_ways
+def test_a_commit_never_replaces_a_queue_file_of_the_same_name(tmp_path: Path,
+                                                             unnamed: bool) -> None:
+    spool = make_spool(tmp_path / "spool", unnamed=unnamed)
+    incoming = spool.open_incoming()
+    incoming.write(MESSAGE)
+    spool.message_path(incoming.id).write_bytes(b"already here")
+    envelope = Envelope(id=incoming.id, sender="", recipients=[recipient("a@b.test")],
+                        received=0.0)
+    failure = result_of(spool.commit(incoming, envelope))
+    assert isinstance(failure, Failure) and failure.value.errno == errno.EEXIST
+    assert spool.message_path(incoming.id).read_bytes() == b"already here"
+    assert sorted(p.name for p in spool.directory.iterdir()) == [f"{incoming.id}.q"]

@@ -266,3 +266,31 @@ def test_a_save_or_removal_during_a_move_waits_for_it(
     later = restart(spool.directory)
     assert removed.id not in later.queue_ids()
     assert later.load(saved.id).recipients[0].attempts == 1
+
+
+def test_no_move_starts_beside_a_save_that_is_moving_the_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler's save and the journal's growth both want the message in a
+    queue file: one writes it, the other waits, and the saved envelope stands."""
+    runner = ManualRunner()
+    spool = small_segments(tmp_path / "spool", monkeypatch, runner, per_segment=2)
+    envelope = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
+    envelope.recipients[0].attempts = 1
+    saved: list[object] = []
+    spool.save(envelope).addBoth(saved.append)
+    queue_message(spool, [recipient("b@far.test")], data=MESSAGE)
+    queue_message(spool, [recipient("c@far.test")], data=MESSAGE)  # a new segment
+    assert len(runner.waiting) == 2  # the save, and the move of b only
+    runner.run_all()
+    assert saved == [None]
+    later = restart(spool.directory)
+    assert later.load(envelope.id).recipients[0].attempts == 1
+
+
+@pytest.mark.parametrize(("system", "release", "trusted"), [
+    ("Linux", "5.7.19", False), ("Linux", "5.8.0-63-generic", True),
+    ("Linux", "6.18.44-fc-v782", True), ("Linux", "4.18.0-553.el8", False),
+    ("Linux", "weird", False), ("FreeBSD", "14.0-RELEASE", False)])
+def test_syncfs_is_trusted_only_where_it_reports_write_back_errors(
+        system: str, release: str, trusted: bool) -> None:
+    assert spool_module._reports_writeback_errors(system, release) is trusted

@@ -60,7 +60,7 @@ RETIRE = b"X"  # not a record: the writer thread unlinks a segment
 ID_LENGTH = 19
 SEGMENT_BYTES = 16 * 1024 * 1024
 MAX_RECORD = 1 << 31
-IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,9 @@ def _record_at(data: bytes, offset: int, number: int) -> tuple[Record | None, in
     start = offset + HEADER.size
     if magic != MAGIC or kind not in (MESSAGE, DONE) or length > len(data) - start:
         return None, offset, "a record that does not check out"
-    payload = data[start:start + length]
-    if zlib.crc32(payload, zlib.crc32(kind)) != crc:
+    if zlib.crc32(memoryview(data)[start:start + length], zlib.crc32(kind)) != crc:
         return None, offset, "a record whose checksum is wrong"
-    record = _parse(kind, payload, number, start)
+    record = _parse(kind, data[start:start + length], number, start)
     if record is None:
         return None, offset, "a record that does not parse"
     return record, start + length, ""
@@ -154,11 +153,20 @@ def _record_at(data: bytes, offset: int, number: int) -> tuple[Record | None, in
 
 def _record_follows(data: bytes, offset: int, number: int) -> bool:
     """Whether a well-formed record starts anywhere after ``offset`` (used only
-    to tell damage from a torn tail, never to read on)."""
+    to tell damage from a torn tail, never to read on). The bytes checked are
+    bounded by twice the segment's size: past that (bytes crafted to make the
+    search slow), it answers True, and the segment is kept as damaged."""
+    budget = 2 * len(data)
     at = data.find(MAGIC, offset + 1)
     while at >= 0:
-        if _record_at(data, at, number)[0] is not None:
-            return True
+        if len(data) - at >= HEADER.size:
+            _, kind, length, _ = HEADER.unpack_from(data, at)
+            if kind in (MESSAGE, DONE) and length <= len(data) - at - HEADER.size:
+                budget -= length
+                if budget < 0:
+                    return True
+                if _record_at(data, at, number)[0] is not None:
+                    return True
         at = data.find(MAGIC, at + 1)
     return False
 
@@ -270,9 +278,8 @@ class Journal:
 
     def open(self) -> None:
         """Start a new segment after any there are (blocking; at start-up)."""
-        if not self.directory.is_dir():
-            self.directory.mkdir(mode=0o700, parents=True)
-            fsync_directory(self.directory.parent, self.os)  # its name outlives a crash
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsync_directory(self.directory.parent, self.os)  # its name outlives a crash
         numbers = segment_numbers(self.directory)
         self._start_segment((numbers[-1] + 1) if numbers else 1)
         self._segment_started(self._number)
@@ -292,7 +299,9 @@ class Journal:
             self._thread.join()
             self._thread = None
         self.threaded = False
-        self._write_inline()  # what came after the sentinel
+        if self._unwritten_done:  # the last batch failed: one more try for its done records
+            self._queue.put((DONE, self._unwritten_done.pop()[1], None))
+        self._write_inline()  # and what came after the sentinel
 
     def append_message(self, queue_id: str, envelope: bytes,
                        message: bytes) -> Deferred[Location]:
@@ -417,15 +426,16 @@ class Journal:
 
     def _write_all(self, frames: list[bytes]) -> None:
         views = [memoryview(f) for f in frames]
-        while views:
-            written = self.os.writev(self._fd, views[:IOV_MAX])  # more is EINVAL
+        first = 0  # views before it are written whole
+        while first < len(views):
+            written = self.os.writev(self._fd, views[first:first + IOV_MAX])  # more: EINVAL
             if written <= 0:
                 raise OSError(5, "short write to the journal")
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
+            while first < len(views) and written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            if written:
+                views[first] = views[first][written:]
 
     def _recover_tail(self, good: int) -> None:
         """After a failed batch: cut the segment back to its good part, or start
