@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from relaygw.config import Config, parse_config
 from relaygw.envelope import Envelope
+from relaygw.journal import Journal
 from relaygw.logs import MailLog
 from relaygw.routing import Router
 from relaygw.smtpserver import ConnectionLimiter, SMTPServerProtocol
@@ -142,6 +143,18 @@ class FailingOS:
             raise OSError(self.error, os.strerror(self.error))
         os.fsync(fd)
 
+    def writev(self, fd: int, buffers: Any) -> int:  # the journal's write
+        self.calls.append("writev")
+        if self.fail_write:
+            raise OSError(self.error, os.strerror(self.error))
+        return os.writev(fd, buffers)
+
+    def fdatasync(self, fd: int) -> None:  # the journal's flush
+        self.calls.append("fdatasync")
+        if self.fail_fsync:
+            raise OSError(self.error, os.strerror(self.error))
+        os.fdatasync(fd)
+
 
 class NoSyncOS(FailingOS):
     """The ``os`` module without fsync: for property tests that run thousands of
@@ -179,7 +192,9 @@ class FakeGateway:
         return self.spool.directory
 
     def files(self) -> list[str]:
-        return sorted(p.name for p in self.directory.iterdir())
+        """The spool's files (not the journal's directory), and journaled ids."""
+        return sorted([p.name for p in self.directory.iterdir() if p.name != "journal"]
+                      + [f"{queue_id} (journaled)" for queue_id in self.spool.journaled])
 
     def queued_ids(self) -> list[str]:
         return self.spool.queue_ids()
@@ -205,11 +220,15 @@ def _parsed(limits: tuple[tuple[str, int | str], ...]) -> Config:
 
 
 def make_gateway(directory: Path, *, run_blocking: BlockingRunner = direct_runner,
-                 os_module: Any = os, **limits: int | str) -> FakeGateway:
+                 os_module: Any = os, journal: bool = False,
+                 **limits: int | str) -> FakeGateway:
+    """``journal``: small messages go to a journal written at once (no thread)."""
     spool_dir = Path(directory) / "spool"
     config = _parsed(tuple(sorted(limits.items())))
     config = replace(config, queue=replace(config.queue, directory=spool_dir))
-    spool = Spool(spool_dir, run_blocking, os_module)
+    spool = Spool(spool_dir, run_blocking, os_module,
+                  journal=Journal(spool_dir / "journal", None, os_module, threaded=False)
+                  if journal else None)
     spool.prepare()
     return FakeGateway(config=config, router=Router(config), spool=spool, clock=Clock())
 

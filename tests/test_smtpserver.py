@@ -750,10 +750,15 @@ BIG = (b"x" * 998 + b"\r\n") * 70  # over the spool's 64 KiB write buffer
     ({"write": True, "error": errno.EIO}, BIG, replies.LOCAL_ERROR),
 ], ids=["fsync at commit", "write at commit", "write during DATA", "fsync, big message",
         "quota", "EIO at commit", "EIO during DATA"])
+@pytest.mark.parametrize("journal", [False, True], ids=["queue files", "journal"])
 def test_storage_failure(tmp_path: Path, failure: dict[str, int], body: bytes,
-                         expected: str) -> None:
+                         expected: str, journal: bool) -> None:
     failing = FailingOS(**failure)
-    gateway = make_gateway(tmp_path, os_module=failing)
+    armed = failing.fail_write, failing.fail_fsync
+    failing.fail_write = failing.fail_fsync = False  # the spool starts up on a good disk
+    gateway = make_gateway(tmp_path, os_module=failing, journal=journal)
+    failing.fail_write, failing.fail_fsync = armed
+    failing.calls.clear()
     session = greet(gateway)
     lines = session.send(transaction(body) + b"NOOP\r\n")
     assert lines == [replies.SENDER_OK, replies.RECIPIENT_OK, replies.START_DATA, expected,

@@ -59,6 +59,8 @@ def test_a_small_message_is_one_journal_append_and_no_queue_file(tmp_path: Path)
     assert entries_on_disk(spool.directory) == []
     assert spool.journaled.keys() == {envelope.id}
     assert spool.read_message(envelope.id) == MESSAGE
+    assert spool.load(envelope.id).recipients[0].address == "a@far.test"
+    assert spool.queue_ids() == [envelope.id]
     spool.cache.discard(envelope.id)
     with spool.open_message(envelope) as message:
         assert message.read() == MESSAGE  # from the journal itself

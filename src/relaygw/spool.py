@@ -661,10 +661,13 @@ class Spool:
                 d.addBoth(self._moved, queue_id, location)
 
     def _move_to_file(self, queue_id: str, message: bytes | None, location: Location) -> None:
-        envelope = read_journaled(self.journal_directory, Location(
+        self._materialize(queue_id, self._committed_envelope(location), message, location)
+
+    def _committed_envelope(self, location: Location) -> bytes:
+        """The envelope a journaled message was committed with (blocking)."""
+        return read_journaled(self.journal_directory, Location(
             location.segment, location.offset - location.envelope_length,
             location.envelope_length))
-        self._materialize(queue_id, envelope, message, location)
 
     def _moved(self, result: object, queue_id: str, location: Location) -> None:
         if isinstance(result, Failure):
@@ -807,6 +810,9 @@ class Spool:
         """The entry's current envelope as stored (blocking; for ``relaygwctl``);
         FileNotFoundError if there is none. A queue file has the last word over
         a journal record of the same message."""
+        location = self.journaled.get(queue_id)
+        if location is not None:
+            return parse_envelope(self._committed_envelope(location))
         try:
             return self._read_envelope(queue_id, self.envelope_path(queue_id).exists())
         except FileNotFoundError:
