@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from core_fakes import journaled_spool, queue_message, recipient, sync_run
@@ -17,6 +16,7 @@ from relaygw import spool as spool_module
 from relaygw.envelope import Envelope, RecipientState
 from relaygw.journal import Journal, live_messages, segment_name, segment_numbers
 from relaygw.spool import BUFFER_LIMIT, Spool
+from support import ManualRunner
 
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
 
@@ -201,23 +201,6 @@ def test_without_a_journal_every_message_gets_its_queue_file(tmp_path: Path) -> 
     assert not spool.journal_directory.exists()
 
 
-class ManualRunner:
-    """A blocking runner whose jobs wait until the test runs them."""
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
-
-    def __call__(self, fn: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.waiting.append((d, fn, args))
-        return d
-
-    def run_all(self) -> None:
-        while self.waiting:
-            d, fn, args = self.waiting.pop(0)
-            d.callback(fn(*args))
-
-
 def small_segments(directory: Path, monkeypatch: pytest.MonkeyPatch,
                    run_blocking: Any = sync_run, per_segment: int = 1) -> Spool:
     """A journaled spool whose segments hold ``per_segment`` messages, and that
@@ -255,7 +238,7 @@ def test_a_save_or_removal_during_a_move_waits_for_it(
     saved = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
     removed = queue_message(spool, [recipient("b@dead.test")], data=MESSAGE)
     queue_message(spool, [recipient("c@far.test")], data=MESSAGE)
-    assert len(runner.waiting) == 2  # both moves asked for, neither run
+    assert len(runner.pending) == 2  # both moves asked for, neither run
     saved.recipients[0].attempts = 1
     outcomes: list[object] = []
     spool.save(saved).addBoth(outcomes.append)
@@ -282,7 +265,7 @@ def test_no_move_starts_beside_a_save_that_is_moving_the_message(
     spool.save(envelope).addBoth(saved.append)
     queue_message(spool, [recipient("b@far.test")], data=MESSAGE)
     queue_message(spool, [recipient("c@far.test")], data=MESSAGE)  # a new segment
-    assert len(runner.waiting) == 2  # the save, and the move of b only
+    assert len(runner.pending) == 2  # the save, and the move of b only
     runner.run_all()
     assert saved == [None]
     later = restart(spool.directory)
