@@ -670,3 +670,21 @@ def test_a_commit_never_replaces_a_queue_file_of_the_same_name(tmp_path: Path,
     assert isinstance(failure, Failure) and failure.value.errno == errno.EEXIST
     assert spool.message_path(incoming.id).read_bytes() == b"already here"
     assert sorted(p.name for p in spool.directory.iterdir()) == [f"{incoming.id}.q"]
+
+
+def test_on_a_file_system_without_hard_links_the_fallback_renames(tmp_path: Path) -> None:
+    class NoLinks:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def link(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+    spool = make_spool(tmp_path / "spool", NoLinks(), unnamed=False)
+    incoming = spool.open_incoming()
+    incoming.write(MESSAGE)
+    envelope = Envelope(id=incoming.id, sender="", recipients=[recipient("a@b.test")],
+                        received=0.0)
+    assert result_of(spool.commit(incoming, envelope)) is None
+    assert sorted(p.name for p in spool.directory.iterdir()) == [f"{incoming.id}.q"]
+    assert spool.read_message(incoming.id) == MESSAGE

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from core_fakes import journaled_spool, queue_message, recipient, sync_run
@@ -279,3 +280,74 @@ def test_no_move_starts_beside_a_save_that_is_moving_the_message(
 def test_syncfs_is_trusted_only_where_it_reports_write_back_errors(
         system: str, release: str, trusted: bool) -> None:
     assert spool_module._reports_writeback_errors(system, release) is trusted
+
+
+def test_a_save_cut_short_by_its_caller_still_finishes_its_move(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown cancels attempts: the save's write goes on in its thread, and the
+    message must not be left both journaled and in a queue file."""
+    runner = ManualRunner()
+    spool = small_segments(tmp_path / "spool", monkeypatch, runner, per_segment=4)
+    envelope = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
+    saved = spool.save(envelope)
+    saved.cancel()
+    assert envelope.id in spool._moving  # still registered: the write has not run
+    runner.run_all()
+    assert spool._moving == {} and spool.journaled == {}
+    assert live_messages(spool.journal_directory)[0] == {}  # its done record
+    spool.remove(envelope.id)
+    runner.run_all()
+    assert restart(spool.directory).queue_ids() == []
+
+
+def test_a_move_whose_bookkeeping_raises_still_lets_the_message_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = small_segments(tmp_path / "spool", monkeypatch)
+    parked = queue_message(spool, [recipient("a@dead.test")], data=MESSAGE)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug in the bookkeeping")
+
+    monkeypatch.setattr(spool, "_materialized", broken)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        queue_message(spool, [recipient("b@far.test")], data=MESSAGE)  # a new segment
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert [e["log_failure"].value.args for e in logged if "log_failure" in e] == [
+        ("a bug in the bookkeeping",)]
+    assert spool._moving == {}  # later saves and removals of it do not hang
+    removed: list[object] = []
+    spool.remove(parked.id).addBoth(removed.append)
+    assert removed == [None]
+
+
+def test_conversion_makes_the_spool_directory_durable_before_retiring_segments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue file named just before a crash may lack its directory fsync; the
+    segment that still holds the message must outlive it until then."""
+    spool = journaled_spool(tmp_path / "spool")
+    envelope = queue_message(spool, [recipient("a@far.test")], data=MESSAGE)
+    spool._materialize(envelope.id, envelope.to_bytes(), MESSAGE,
+                       spool.journaled[envelope.id])  # named; its done record never written
+    events: list[str] = []
+    real_unlink = os.unlink
+
+    class Recording(CountingOS):
+        def fsync(self, fd: int) -> None:
+            if os.path.samestat(os.fstat(fd), os.stat(spool.directory)):
+                events.append("fsync spool")
+            os.fsync(fd)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith(".log"):
+            events.append("unlink segment")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    later = Spool(spool.directory, sync_run, Recording())
+    later.prepare()
+    assert "unlink segment" in events
+    assert "fsync spool" in events[:events.index("unlink segment")]
+    assert later.queue_ids() == [envelope.id]

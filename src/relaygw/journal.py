@@ -300,7 +300,7 @@ class Journal:
             self._thread = None
         self.threaded = False
         if self._unwritten_done:  # the last batch failed: one more try for its done records
-            self._queue.put((DONE, self._unwritten_done.pop()[1], None))
+            self.handle([])
         self._write_inline()  # and what came after the sentinel
 
     def append_message(self, queue_id: str, envelope: bytes,

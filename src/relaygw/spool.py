@@ -85,6 +85,8 @@ RECOVERY_BATCH = 1000  # entries read per trip to the thread pool at start-up
 ENTRY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP,
                           errno.ENAMETOOLONG, errno.ENOTDIR})
 O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # 0 where the platform has none
+# What link(2) says on a file system that has no hard links.
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
 KEEP_SEGMENTS = 4      # journal segments in use before lingering messages move to files
 TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
 RawRecord = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
@@ -227,8 +229,8 @@ class Spool:
         self.journal = journal
         # Messages in the journal and in no queue file (yet), where their bytes are.
         self.journaled: dict[str, Location] = {}
-        # Journaled messages being moved to queue files for lingering, and what
-        # waits for each move to end (a save or removal of that message).
+        # Journaled messages being moved to queue files (by a save, or for
+        # lingering), and what waits for each move to end (a save or removal).
         self._moving: dict[str, list[Callable[[], None]]] = {}
         if journal is not None:
             journal.on_segment_started = self._journal_grew
@@ -320,7 +322,10 @@ class Spool:
                         os.close(fd)
             for queue_id in written:
                 os.rename(f"{self._directory}/tmp-{queue_id}", self.message_path(queue_id))
-            self._fsync_directory()
+        # Queue files named before a crash may not have had their directory
+        # fsync yet (and those written here must be named for good): before any
+        # segment goes, the spool directory is made durable.
+        self._fsync_directory()
         for number in numbers:
             path = directory / segment_name(number)
             if number in damaged:
@@ -514,8 +519,8 @@ class Spool:
 
     def open_incoming(self) -> Incoming:
         """A new message; its id is unique by construction (time, counter, random).
-        Naming an unnamed file also checks it (``linkat`` fails on a name taken);
-        the temp-file fallback's rename would not, and relies on the id alone."""
+        Naming the file also checks it (a link fails on a name taken), except on
+        a file system without hard links, where the fallback renames."""
         return Incoming(self, new_queue_id())
 
     def _create(self, path: Path) -> int:
@@ -574,9 +579,16 @@ class Spool:
                 incoming.closed = True
                 self.os.close(incoming.fd)
                 # a link, not a rename: it never replaces a name (EEXIST if taken)
-                self.os.link(incoming.temp_path, final)
-                named = True
-                self._unlink_quietly(incoming.temp_path)
+                try:
+                    self.os.link(incoming.temp_path, final)
+                except OSError as e:
+                    if e.errno not in NO_HARD_LINKS:
+                        raise
+                    self.os.rename(incoming.temp_path, final)  # vfat, some FUSE mounts
+                    named = True
+                else:
+                    named = True
+                    self._unlink_quietly(incoming.temp_path)
             else:
                 # linkat never replaces a name: EEXIST if the id were taken
                 self.os.link(f"/proc/self/fd/{incoming.fd}", f"{incoming.id}.q",
@@ -616,13 +628,20 @@ class Spool:
             return self._after_move(envelope.id, lambda: self.save(envelope))
         location = self.journaled.get(envelope.id)
         if location is not None:
+            envelope_bytes = envelope.to_bytes()
+            message = self.cache.get(envelope.id)
             # Registered as a move while it runs: a move of the same message (the
             # journal growing) must not start beside it, and anything else waits.
+            # The caller gets a Deferred of its own: cancelling it (shutdown cuts
+            # attempts) must not end the registration while the write goes on.
             self._moving[envelope.id] = []
-            d = self.run_blocking(self._materialize, envelope.id, envelope.to_bytes(),
-                                  self.cache.get(envelope.id), location)
-            d.addCallback(self._materialized, envelope.id, location)
-            return d.addBoth(self._move_ended, envelope.id)
+            job = maybeDeferred(self.run_blocking, self._materialize, envelope.id,
+                                envelope_bytes, message, location)
+            job.addCallback(self._materialized, envelope.id, location)
+            job.addBoth(self._move_ended, envelope.id)
+            answer: Deferred[None] = Deferred()
+            job.chainDeferred(answer)
+            return answer
         if self.journal is None and envelope.id in self._journal_left_on_disk() \
                 and not self.message_path(envelope.id).exists():
             record = self._journal_left_on_disk()[envelope.id]
@@ -659,6 +678,8 @@ class Spool:
                 d = self.run_blocking(self._move_to_file, queue_id,
                                       self.cache.get(queue_id), location)
                 d.addBoth(self._moved, queue_id, location)
+                d.addErrback(lambda f, queue_id=queue_id: self.log.failure(
+                    "spool: moving {id} from the journal", f, id=queue_id))
 
     def _move_to_file(self, queue_id: str, message: bytes | None, location: Location) -> None:
         self._materialize(queue_id, self._committed_envelope(location), message, location)
@@ -670,13 +691,15 @@ class Spool:
             location.envelope_length))
 
     def _moved(self, result: object, queue_id: str, location: Location) -> None:
-        if isinstance(result, Failure):
-            self.log.error("spool: cannot move {id} from the journal to a queue file: "
-                           "{error}; it stays in the journal", id=queue_id,
-                           error=result.getErrorMessage())
-        else:
-            self._materialized(None, queue_id, location)
-        self._move_ended(None, queue_id)
+        try:
+            if isinstance(result, Failure):
+                self.log.error("spool: cannot move {id} from the journal to a queue file:"
+                               " {error}; it stays in the journal", id=queue_id,
+                               error=result.getErrorMessage())
+            else:
+                self._materialized(None, queue_id, location)
+        finally:
+            self._move_ended(None, queue_id)
 
     def _move_ended(self, result: T, queue_id: str) -> T:
         """A move (or a save moving the message) is over: what waited runs now."""
@@ -808,8 +831,9 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope:
         """The entry's current envelope as stored (blocking; for ``relaygwctl``);
-        FileNotFoundError if there is none. A queue file has the last word over
-        a journal record of the same message."""
+        FileNotFoundError if there is none. A message this spool journaled is
+        read from its record; otherwise a queue file has the last word over a
+        record of the same message found in the journal on disk."""
         location = self.journaled.get(queue_id)
         if location is not None:
             return parse_envelope(self._committed_envelope(location))
