@@ -279,7 +279,8 @@ class Spool:
         stop, the queue is files alone again. Returns how many it converted.
 
         The files are written as ``tmp-ID``, made durable together (one
-        ``syncfs``; an fsync each where there is none), and only then renamed
+        ``syncfs`` where it reports write-back errors; else an fsync each), and
+        only then renamed
         to ``ID.q``: a crash in between leaves temp files that ``scan`` removes
         and a journal that is converted again. A message that has a queue file
         already was moved out of the journal before its done record was
