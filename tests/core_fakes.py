@@ -29,6 +29,14 @@ def sync_run(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return maybeDeferred(fn, *args)
 
 
+class NowReactor:
+    """callFromThread, run at once (in the journal's writer thread, for tests
+    that drive or wait for it themselves)."""
+
+    def callFromThread(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
+
+
 def journaled_spool(directory: Path, os_module: Any = os) -> Spool:
     """A prepared spool with a journal written at once, in the caller's thread
     (no writer thread, no reactor): every step of a test is done when it returns."""

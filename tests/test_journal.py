@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.python.failure import Failure
 
+from core_fakes import NowReactor
 from relaygw import journal as journal_module
 from relaygw.journal import (
     DONE,
@@ -30,13 +31,6 @@ from relaygw.journal import (
 )
 
 IDS = [f"{n:019X}" for n in range(1, 40)]
-
-
-class NowReactor:
-    """callFromThread, run at once: the tests drive write_batch themselves."""
-
-    def callFromThread(self, fn: Any, *args: Any) -> None:
-        fn(*args)
 
 
 class CountingOS:
@@ -145,7 +139,7 @@ def test_a_failed_write_fails_its_batch_and_leaves_no_garbage(tmp_path: Path) ->
     assert problems == []
     assert sorted(live) == [IDS[0], IDS[3]]  # nothing after garbage, nothing refused kept
     number = segment_numbers(journal.directory)[-1]
-    _, good, problem = read_segment(journal.directory / segment_name(number), number)
+    _, good, problem, _ = read_segment(journal.directory / segment_name(number), number)
     assert problem is None and good == os.path.getsize(journal.directory / segment_name(number))
 
 

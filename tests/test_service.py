@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import email
 import errno
+import threading
 from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
-from core_fakes import queue_message
+from core_fakes import NowReactor, queue_message
 from relaygw import spoolreader
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
+from relaygw.journal import Journal, live_messages
 from relaygw.scheduler import UnknownMessage
 from relaygw.service import Gateway, build_service
 from relaygw.spool import Spool
@@ -199,3 +201,26 @@ def test_shutdown_lets_a_last_removal_reach_the_disk_before_the_threads_stop(
     assert removed.called
     assert disk.stopped and stopped.called
     assert not gateway.spool.message_path(queued.id).exists()
+
+
+def test_shutdown_writes_the_journals_last_records_and_stops_its_writer(
+        tmp_path: Path) -> None:
+    """SIGTERM: a delivered message's done record, still queued for the writer
+    thread, is on disk before the process goes (else it is delivered again)."""
+    gateway = Gateway(config_for(tmp_path), MemoryReactorClock(), sync_run, deliverers={})
+    journal = Journal(tmp_path / "spool" / "journal", NowReactor())  # a writer thread
+    gateway.spool.journal = journal
+    journal.on_segment_started = gateway.spool._journal_grew
+    gateway.spool.prepare()
+    committed = threading.Event()
+    incoming = gateway.spool.open_incoming()
+    incoming.write(b"Subject: hi\r\n\r\nbody\r\n")
+    envelope = Envelope(id=incoming.id, sender="s@src.test", received=0.0,
+                        recipients=[Recipient("x@far.test", "x@far.test", "relay")])
+    gateway.spool.commit(incoming, envelope).addBoth(lambda _: committed.set())
+    assert committed.wait(10)
+    gateway.spool.remove(envelope.id)  # delivered: its done record is queued
+    stopped = gateway.stopService()
+    assert stopped.called
+    assert journal._thread is None  # joined, after writing what was queued
+    assert live_messages(journal.directory)[0] == {}

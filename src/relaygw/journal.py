@@ -44,7 +44,7 @@ import queue
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,6 @@ DONE = b"D"
 RETIRE = b"X"  # not a record: the writer thread unlinks a segment
 ID_LENGTH = 19
 SEGMENT_BYTES = 16 * 1024 * 1024
-MAX_RECORD = 1 << 31
 IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
 
 
@@ -79,10 +78,6 @@ class Record:
     queue_id: str
     envelope: bytes = b""
     location: Location | None = None
-
-
-class JournalDamaged(Exception):
-    """A record that does not check out before the end of the newest segment."""
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -112,12 +107,12 @@ def segment_numbers(directory: Path) -> list[int]:
     return sorted(numbers)
 
 
-def read_segment(path: Path, number: int) -> tuple[list[Record], int, str | None]:
-    """The records of one segment, the length of its good part, and why it ended
-    early (None when every byte checked out). Nothing after a bad record is
-    ever taken: a message's own bytes could hold a well-formed record."""
-    records, good, problem, _ = _read_segment(path.read_bytes(), number)
-    return records, good, problem
+def read_segment(path: Path, number: int) -> tuple[list[Record], int, str | None, bool]:
+    """The records of one segment, the length of its good part, why it ended
+    early (None when every byte checked out), and whether that looks like a
+    torn tail (see ``_read_segment``). Nothing after a bad record is ever
+    taken: a message's own bytes could hold a well-formed record."""
+    return _read_segment(path.read_bytes(), number)
 
 
 def _read_segment(data: bytes, number: int) -> tuple[list[Record], int, str | None, bool]:
@@ -201,10 +196,9 @@ def live_messages(directory: Path) -> tuple[dict[str, Record], list[tuple[int, s
     numbers = segment_numbers(directory)
     for number in numbers:
         try:
-            data = (directory / segment_name(number)).read_bytes()
+            records, _, problem, torn = read_segment(directory / segment_name(number), number)
         except FileNotFoundError:
             continue
-        records, _, problem, torn = _read_segment(data, number)
         if problem is not None and not (torn and number == numbers[-1]):
             problems.append((number, problem))
         for record in records:
@@ -264,10 +258,9 @@ class Journal:
         self._number = 0
         self._fd: int | None = None
         self._size = 0  # of the current segment's good part
-        # The reactor thread's: messages not yet done per segment, oldest first,
-        # and the newest segment it has heard of (never retired).
+        # The reactor thread's: messages not yet done per segment, oldest first;
+        # the last is the newest segment it has heard of, never retired.
         self._live: dict[int, int] = {}
-        self._newest = 0
         # Told of each new segment (reactor thread): the spool moves what lingers.
         self.on_segment_started: Callable[[int], None] | None = None
         # The writer thread's: done records to write again, segments to retire.
@@ -345,16 +338,16 @@ class Journal:
         return list(self._live)
 
     def _segment_started(self, number: int) -> None:
-        self._live.setdefault(number, 0)
-        self._newest = max(self._newest, number)
+        self._live.setdefault(number, 0)  # numbers only grow: the dict stays in order
         self._retire_done()
         if self.on_segment_started is not None:
             self.on_segment_started(number)
 
     def _retire_done(self) -> None:
         """Hand the writer the oldest segments that hold no live message."""
+        newest = next(reversed(self._live))
         for number in list(self._live):
-            if number >= self._newest or self._live[number]:
+            if number == newest or self._live[number]:
                 return
             del self._live[number]
             self._queue.put((RETIRE, str(number).encode("ascii"), None))
@@ -519,10 +512,3 @@ def read_message(directory: Path, location: Location) -> bytes:
     finally:
         os.close(fd)
 
-
-def iter_records(directory: Path) -> Iterator[tuple[int, Record]]:
-    """Every good record, with its segment number (for tools)."""
-    for number in segment_numbers(directory):
-        records, _, _ = read_segment(directory / segment_name(number), number)
-        for record in records:
-            yield number, record
