@@ -339,6 +339,50 @@ def test_no_reply_in_time_is_a_timeout_and_aborts() -> None:
     assert transport.disconnecting
 
 
+def test_each_pipelined_waiter_keeps_its_own_deadline_under_the_one_timer() -> None:
+    """DATA's 120 s run out while RCPT's 300 s still wait: DATA fails, not later."""
+    clock = Clock()
+    proto, transport = connected(clock)
+    rcpt = proto.expect(300, "RCPT")
+    data = proto.expect(120, "DATA")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(119)
+    assert not data.called and not rcpt.called
+    clock.advance(1)
+    failures: list[Failure] = []
+    data.addErrback(failures.append)
+    assert failures[0].check(SMTPTimeout)
+    assert "120s" in failures[0].getErrorMessage() and "DATA" in failures[0].getErrorMessage()
+    assert not rcpt.called  # its deadline is not past: the abort's connectionLost ends it
+    assert transport.disconnecting
+
+
+def test_a_reply_moves_the_timer_on_to_the_next_waiters_deadline() -> None:
+    clock = Clock()
+    proto, transport = connected(clock)
+    rset = proto.expect(20, "RSET")
+    mail = proto.expect(300, "MAIL")
+    proto.dataReceived(b"250 2.0.0 Ok\r\n")
+    assert result_of(rset).code == 250
+    clock.advance(100)  # past RSET's deadline: nothing of MAIL's has run out
+    assert not mail.called and not transport.disconnecting
+    clock.advance(199)
+    assert not mail.called
+    clock.advance(1)
+    failures: list[Failure] = []
+    mail.addErrback(failures.append)
+    assert failures[0].check(SMTPTimeout) and "MAIL" in failures[0].getErrorMessage()
+
+
+def test_no_timer_is_left_once_every_reply_is_in() -> None:
+    clock = Clock()
+    proto, _ = connected(clock)
+    waiters = [proto.expect(300, "MAIL"), proto.expect(300, "RCPT"), proto.expect(120, "DATA")]
+    proto.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    assert [result_of(d).code for d in waiters] == [250, 250, 354]
+    assert clock.getDelayedCalls() == []
+
+
 def test_connection_lost_fails_every_waiter() -> None:
     proto, _ = connected()
     waiters = [proto.expect(10, "RCPT"), proto.expect(10, "DATA")]

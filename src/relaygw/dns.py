@@ -17,6 +17,7 @@ Three layers, each replaceable in tests:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -268,7 +269,10 @@ def address_literal(domain: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
 def _ip(text: str) -> str | None:
+    """``text`` as a normalized IP address, else None. A smarthost's ``via`` is
+    looked at on every delivery, so the parse is remembered."""
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -289,13 +293,14 @@ class NextHopResolver:
         return Deferred.fromCoroutine(self._resolve_domain(domain, port))
 
     def resolve_host(self, host: str, port: int) -> Deferred[list[Hop]]:
-        """A smarthost: its addresses only, no MX."""
+        """A smarthost: its addresses only, no MX. An address (the usual ``via``)
+        answers at once, without a coroutine."""
+        literal = address_literal(host) or _ip(host)
+        if literal is not None:
+            return succeed([Hop(literal, literal, port)])
         return Deferred.fromCoroutine(self._resolve_host(host, port))
 
     async def _resolve_host(self, host: str, port: int) -> list[Hop]:
-        literal = address_literal(host) or _ip(host)
-        if literal is not None:
-            return [Hop(literal, literal, port)]
         name = host.lower().rstrip(".")
         hops, transient = await self._hops([name], port)
         if hops:

@@ -72,6 +72,7 @@ def maildir_for(route: RouteConfig, mailbox: Mailbox) -> str | None:
 
 
 TRUST_CACHE = 4096  # client addresses whose trust is remembered (then forgotten at once)
+ROUTE_CACHE = 4096  # recipient domains whose route is remembered (likewise)
 
 
 class Router:
@@ -83,9 +84,22 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._trusted: dict[str, bool] = {}
+        self._routes: dict[str, RouteConfig | None] = {}
 
     def find_route(self, domain: str) -> RouteConfig | None:
-        domain = domain.lower().rstrip(".")
+        """The first route matching ``domain``; asked at RCPT and again at each
+        delivery, so the answer is remembered per domain (routes change only with
+        the Config, and a reload makes a new Router)."""
+        try:
+            return self._routes[domain]
+        except KeyError:
+            pass
+        if len(self._routes) >= ROUTE_CACHE:
+            self._routes.clear()
+        route = self._routes[domain] = self._match(domain.lower().rstrip("."))
+        return route
+
+    def _match(self, domain: str) -> RouteConfig | None:
         for route in self.config.routes:
             if any(domain_matches(pattern, domain) for pattern in route.domains):
                 return route

@@ -51,6 +51,7 @@ from typing import TypeVar
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relaygw import retry
 from relaygw.config import QueueConfig
@@ -125,11 +126,17 @@ class Slots:
             self._releasing = False
 
     def run(self, f: Callable[[], Deferred[T]]) -> Deferred[T]:
-        """``f()`` once a slot is free; the slot is released when its Deferred fires."""
-        def execute(_: None) -> Deferred[T]:
-            return maybeDeferred(f).addBoth(self._release_and_return)
+        """``f()`` once a slot is free; the slot is released when its Deferred fires.
 
-        return self.acquire().addCallback(execute)
+        With a slot free now (the usual case), ``f`` runs at once without a
+        Deferred to wait on first: this runs twice for every delivery."""
+        if self.tokens > 0 and not self.waiting:
+            self.tokens -= 1
+            return self._execute(f)
+        return self.acquire().addCallback(lambda _: self._execute(f))
+
+    def _execute(self, f: Callable[[], Deferred[T]]) -> Deferred[T]:
+        return maybeDeferred(f).addBoth(self._release_and_return)
 
     def _release_and_return(self, result: T) -> T:
         self.release()
@@ -200,6 +207,18 @@ class _Destination:
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+async def _outcomes(attempts: list[Deferred[list[DeliveryResult]]]
+                    ) -> list[tuple[bool, list[DeliveryResult] | Failure]]:
+    """``DeferredList(attempts, consumeErrors=True)``'s result; a lone attempt (a
+    message for one destination, nearly all mail) is awaited without one."""
+    if len(attempts) != 1:
+        return await DeferredList(attempts, consumeErrors=True)
+    try:
+        return [(True, await attempts[0])]
+    except Exception:
+        return [(False, Failure())]
 
 
 def destination_failed(results: list[DeliveryResult]) -> bool:
@@ -610,7 +629,7 @@ class Scheduler:
             recipient.state = RecipientState.DELIVERING
         attempts = [self._deliver_group(envelope, action, destination, recipients)
                     for (action, destination), recipients in groups.items()]
-        outcomes = await DeferredList(attempts, consumeErrors=True)
+        outcomes = await _outcomes(attempts)
         if envelope.id in self._deleted:
             return  # deleted by the operator meanwhile: nothing to record
         failed: list[Recipient] = []

@@ -78,6 +78,7 @@ Connector = Callable[[Hop], Deferred[SMTPClientProtocol]]
 IDLE_TIMEOUT = 2.0       # seconds a clean session waits for the next message to its hop
 MAX_IDLE_PER_HOP = 10    # parked sessions per cache key (the default per_destination)
 MAX_TRANSACTIONS = 100   # then QUIT: bounds what one long-lived session can go wrong with
+DESTINATION_CACHE = 4096  # recipient domains whose destination is remembered
 
 Reuse = Literal["demand", "always", "never"]
 # (address, port, hostname, TLS policy, CA file, username, password file): a session
@@ -254,6 +255,7 @@ class SMTPRelayDeliverer:
         self._timeouts = timeouts
         self._connect = connect or self._connect_tcp
         self._router = Router(config)
+        self._destinations: dict[str, str] = {}
         self._trust_roots: dict[Path | None, Any] = {}
         self.reuse = reuse
         self.cache = ConnectionCache(reactor, idle_timeout, max_idle_per_hop, timeouts.quit)
@@ -271,6 +273,7 @@ class SMTPRelayDeliverer:
         """
         self.config = config
         self._router = Router(config)
+        self._destinations.clear()
         if resolver is not None:
             self._resolver = resolver
 
@@ -311,7 +314,22 @@ class SMTPRelayDeliverer:
     # --- IDeliverer ----------------------------------------------------------------
 
     def destination(self, recipient: Recipient) -> str:
-        route = self._router.find_route(recipient.domain)
+        """The scheduler's key for grouping and per-destination limits: the domain, or
+        the smarthost and the settings its sessions are opened with. Asked several
+        times per delivery, and it depends only on the domain's route, so it is
+        remembered per domain until the next reload."""
+        domain = recipient.domain
+        try:
+            return self._destinations[domain]
+        except KeyError:
+            pass
+        if len(self._destinations) >= DESTINATION_CACHE:
+            self._destinations.clear()
+        found = self._destinations[domain] = self._destination(domain)
+        return found
+
+    def _destination(self, domain: str) -> str:
+        route = self._router.find_route(domain)
         if route is not None and route.via is not None:
             # Routes sharing a smarthost may differ in TLS policy, CA or credentials; the
             # session is set up from one route, so only recipients that agree share it
@@ -321,7 +339,7 @@ class SMTPRelayDeliverer:
                 ("password_file", route.password_file)) if value is not None]
             hostport = format_hostport(*route.via)
             return f"{hostport} ({', '.join(settings)})" if settings else hostport
-        return recipient.domain
+        return domain
 
     def deliver(self, envelope: Envelope, message_path: Path,
                 recipients: Sequence[Recipient]) -> Deferred[list[DeliveryResult]]:
@@ -329,8 +347,10 @@ class SMTPRelayDeliverer:
 
     async def _deliver_safely(self, envelope: Envelope, message_path: Path,
                               recipients: Sequence[Recipient]) -> list[DeliveryResult]:
+        if not isinstance(message_path, Path):
+            message_path = Path(message_path)
         try:
-            return await self._deliver(envelope, Path(message_path), recipients)
+            return await self._deliver(envelope, message_path, recipients)
         except Exception:
             self.log.failure("{queue_id}: relay attempt crashed", queue_id=envelope.id)
             return [DeliveryResult.deferred("451 4.3.0 Internal error during delivery")
@@ -618,8 +638,7 @@ class _Session:
                      + [self.proto.expect(self.t.data_init, "DATA")])
             if rset_wait is not None:
                 await self._check_rset(rset_wait, waits)
-            outcomes = await DeferredList(waits, consumeErrors=True)
-            replies = [value if ok else value.value for ok, value in outcomes]
+            replies = [await _reply_or_error(wait) for wait in waits]
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
@@ -724,6 +743,15 @@ class _Session:
                 return DeliveryResult.failed(str(reply), remote)
             return DeliveryResult.deferred(str(reply), remote)
         return DeliveryResult.deferred(f"451 4.4.2 {remote}: {reply}", remote)
+
+
+async def _reply_or_error(wait: Deferred[Reply]) -> Reply | Exception:
+    """The reply, or what stood in for it (a timeout, a lost connection): one of the
+    pipelined replies, awaited in order (they come in order), each error consumed."""
+    try:
+        return await wait
+    except Exception as e:
+        return e
 
 
 def _last_error(replies: list[Reply | Exception]) -> Exception:

@@ -175,11 +175,11 @@ class MessageProducer:
             if not more:                                # no proof of it on every file system
                 data = self._stuffer.encode(first) + self._stuffer.finish()
                 sent = send_directly(self._transport, data)
-                self._progressed()
                 if sent == len(data):
                     self._finished = True
                     self.done.callback(None)
                     return
+                self._progressed()
                 self._unsent = data[sent:]
                 self._dot_queued = True
             else:
@@ -230,12 +230,28 @@ class MessageProducer:
             self.done.errback(reason)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A caller waiting for the next reply, until ``deadline`` (``timeout`` after asking)."""
+
+    deferred: Deferred[Reply]
+    deadline: float
+    timeout: float
+    what: str
+
+
 class SMTPClientProtocol(Protocol):
     """Sends commands and returns the server's replies in order, each with a timeout.
 
     Lines are taken off the buffer one at a time, so when a reply wakes its
     caller, whatever the server sent after it is still visible
     (``pending_input``): plain text after a STARTTLS 220 is an injection attempt.
+
+    Each waiter has its own deadline, but one timer serves them all: it is set
+    for the earliest deadline when a waiter is added, cancelled when none is
+    left, and when it fires it fails whichever waiters are past theirs (else it
+    is set again for the earliest). A pipelined transaction waits for four
+    replies or more; a timer for each cost more than the rest of the waiting.
     """
 
     MAX_LENGTH = 8192
@@ -246,7 +262,8 @@ class SMTPClientProtocol(Protocol):
         self._partial: list[str] = []
         self._partial_code = 0
         self._replies: deque[Reply] = deque()
-        self._waiters: deque[tuple[Deferred[Reply], IDelayedCall | None, str]] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._reply_timer: IDelayedCall | None = None
         self._lost: Failure | None = None
         self._producer: MessageProducer | None = None
         self._block_timer: IDelayedCall | None = None
@@ -265,13 +282,12 @@ class SMTPClientProtocol(Protocol):
         reason = reason or Failure(ConnectionDone())
         self._lost = reason
         self._cancel_block_timer()
+        self._cancel_reply_timer()
         waiters, self._waiters = self._waiters, deque()
-        for waiter, timer, what in waiters:
-            if timer is not None and timer.active():
-                timer.cancel()
-            why = reason.getErrorMessage()
-            waiter.errback(Failure(SMTPConnectionLost(
-                f"connection lost waiting for the reply to {what}: {why}", why)))
+        why = reason.getErrorMessage()
+        for waiter in waiters:
+            waiter.deferred.errback(Failure(SMTPConnectionLost(
+                f"connection lost waiting for the reply to {waiter.what}: {why}", why)))
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None
@@ -303,19 +319,40 @@ class SMTPClientProtocol(Protocol):
         if self._lost is not None:
             return fail(SMTPConnectionLost(f"connection lost before the reply to {what}"))
         waiter: Deferred[Reply] = Deferred()
-        timer = self._clock.callLater(timeout, self._timed_out, waiter, what, timeout)
-        self._waiters.append((waiter, timer, what))
+        now = self._clock.seconds()
+        deadline = now + timeout
+        self._waiters.append(_Waiter(waiter, deadline, timeout, what))
+        timer = self._reply_timer
+        if timer is None:
+            self._reply_timer = self._clock.callLater(timeout, self._timed_out)
+        elif deadline < timer.getTime():
+            timer.reset(timeout)
         return waiter
 
     def command(self, line: bytes, timeout: float, what: str | None = None) -> Deferred[Reply]:
         self.send(line)
         return self.expect(timeout, what or line.split(b" ", 1)[0].decode("ascii", "replace"))
 
-    def _timed_out(self, waiter: Deferred[Reply], what: str, timeout: float) -> None:
-        self._waiters = deque(w for w in self._waiters if w[0] is not waiter)
-        waiter.errback(SMTPTimeout(f"timeout after {timeout:g}s waiting for the reply to "
-                                   f"{what}"))
+    def _timed_out(self) -> None:
+        """Fail the waiters past their deadline and abort; else wait for the earliest."""
+        self._reply_timer = None
+        now = self._clock.seconds()
+        expired = [w for w in self._waiters if w.deadline <= now]
+        if not expired:
+            if self._waiters:
+                earliest = min(w.deadline for w in self._waiters)
+                self._reply_timer = self._clock.callLater(earliest - now, self._timed_out)
+            return
+        self._waiters = deque(w for w in self._waiters if w.deadline > now)
+        for waiter in expired:
+            waiter.deferred.errback(SMTPTimeout(
+                f"timeout after {waiter.timeout:g}s waiting for the reply to {waiter.what}"))
         self.abort()
+
+    def _cancel_reply_timer(self) -> None:
+        timer, self._reply_timer = self._reply_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -346,20 +383,21 @@ class SMTPClientProtocol(Protocol):
             self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        if self._waiters:
-            waiter, timer, _what = self._waiters.popleft()
-            if timer is not None and timer.active():
-                timer.cancel()
-            waiter.callback(reply)
+        waiters = self._waiters
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiters:
+                self._cancel_reply_timer()
+            waiter.deferred.callback(reply)
         else:
             self._replies.append(reply)
 
     def _protocol_error(self, problem: str) -> None:
         if self._waiters:
-            waiter, timer, _what = self._waiters.popleft()
-            if timer is not None and timer.active():
-                timer.cancel()
-            waiter.errback(SMTPProtocolError(problem))
+            waiter = self._waiters.popleft()
+            if not self._waiters:
+                self._cancel_reply_timer()
+            waiter.deferred.errback(SMTPProtocolError(problem))
         self.abort()
 
     # --- TLS and DATA --------------------------------------------------------------------
@@ -382,11 +420,14 @@ class SMTPClientProtocol(Protocol):
             return result
 
         producer.done.addBoth(finished)
-        self._progress_made()
         try:
             producer.start()
         except Exception as e:  # the spool read failed (EIO...): the caller hears it
             producer.fail(e)
+        if self._producer is producer and self._block_timer is None:
+            # Still sending (most mail is gone in one send() by now, and needs no
+            # timer): the data-block timeout watches from here.
+            self._progress_made()
         return producer.done
 
     def _progress_made(self) -> None:
