@@ -189,6 +189,20 @@ def test_no_route_is_refused() -> None:
     assert router.find_route("other.test") is None
 
 
+def test_a_remembered_route_is_the_same_answer_for_every_spelling_and_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from relaygw import routing
+    monkeypatch.setattr(routing, "ROUTE_CACHE", 2)
+    router = Router(parse_config(
+        '[[listener]]\nendpoint = "tcp:2525"\n'
+        '[[route]]\ndomains = ["example.test"]\naction = "local"\n'))
+    for _ in range(2):  # the second time from memory
+        assert router.find_route("Example.TEST.") is router.config.routes[0]
+        assert router.find_route("example.test") is router.config.routes[0]
+        assert router.find_route("other.test") is None
+    assert len(router._routes) <= 2
+
+
 def test_alias_target_without_route_refuses_the_rcpt() -> None:
     router = Router(parse_config(
         '[[listener]]\nendpoint = "tcp:2525"\n'

@@ -468,6 +468,23 @@ action = "relay"
         "10.1.0.25:587", "example.test", "[2001:db8::25]:25"]
 
 
+def test_a_reload_changes_a_remembered_destination() -> None:
+    def via(hostport: str) -> Config:
+        return parse_config(f"""
+[[listener]]
+endpoint = "tcp:2525"
+[[route]]
+domains = ["branch.example.test"]
+action = "relay"
+via = "{hostport}"
+""")
+    deliverer = SMTPRelayDeliverer(via("10.1.0.25:587"), MemoryReactorClock(), two_mx_resolver())
+    rcpt = envelope("a@branch.example.test").recipients[0]
+    assert deliverer.destination(rcpt) == "10.1.0.25:587"
+    deliverer.reconfigure(via("10.1.0.26:25"))
+    assert deliverer.destination(rcpt) == "10.1.0.26:25"
+
+
 def test_delivers_all_recipients_in_one_transaction(tmp_path: Path) -> None:
     world = InMemory()
     env = envelope("bob@example.test", "carol@example.test")
