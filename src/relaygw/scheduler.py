@@ -209,18 +209,6 @@ class _Destination:
             waiter.callback(None)
 
 
-async def _outcomes(attempts: list[Deferred[list[DeliveryResult]]]
-                    ) -> list[tuple[bool, list[DeliveryResult] | Failure]]:
-    """``DeferredList(attempts, consumeErrors=True)``'s result; a lone attempt (a
-    message for one destination, nearly all mail) is awaited without one."""
-    if len(attempts) != 1:
-        return await DeferredList(attempts, consumeErrors=True)
-    try:
-        return [(True, await attempts[0])]
-    except Exception:
-        return [(False, Failure())]
-
-
 def destination_failed(results: list[DeliveryResult]) -> bool:
     """Whether an attempt failed for its whole destination, not for its recipients."""
     return bool(results) and all(r.status is Status.DEFERRED and r.destination_failed
@@ -627,9 +615,7 @@ class Scheduler:
         for recipient, destination in routed:
             groups.setdefault((recipient.action, destination), []).append(recipient)
             recipient.state = RecipientState.DELIVERING
-        attempts = [self._deliver_group(envelope, action, destination, recipients)
-                    for (action, destination), recipients in groups.items()]
-        outcomes = await _outcomes(attempts)
+        outcomes = await self._deliver_groups(envelope, groups)
         if envelope.id in self._deleted:
             return  # deleted by the operator meanwhile: nothing to record
         failed: list[Recipient] = []
@@ -680,9 +666,22 @@ class Scheduler:
             self._push(envelope)
             self._arm()
 
-    def _deliver_group(self, envelope: Envelope, action: str, destination: str,
-                       recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
-        return Deferred.fromCoroutine(self._group(envelope, action, destination, recipients))
+    async def _deliver_groups(self, envelope: Envelope,
+                              groups: dict[tuple[str, str], list[Recipient]]
+                              ) -> list[tuple[bool, list[DeliveryResult] | Failure]]:
+        """Every group at once; ``DeferredList(..., consumeErrors=True)``'s result.
+
+        A lone group (a message for one destination: nearly all mail) is awaited
+        as it is, without a Deferred of its own and a DeferredList around it."""
+        if len(groups) == 1:
+            [((action, destination), recipients)] = groups.items()
+            try:
+                return [(True, await self._group(envelope, action, destination, recipients))]
+            except Exception:
+                return [(False, Failure())]
+        attempts = [Deferred.fromCoroutine(self._group(envelope, action, destination, recipients))
+                    for (action, destination), recipients in groups.items()]
+        return await DeferredList(attempts, consumeErrors=True)
 
     async def _group(self, envelope: Envelope, action: str, destination: str,
                      recipients: list[Recipient]) -> list[DeliveryResult]:

@@ -32,6 +32,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    _install_reactor()
     from twisted.internet import reactor
 
     from relaygw.service import build_service
@@ -44,6 +45,17 @@ def makeService(options: Options) -> IService:
     reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
     observer = stdout_observer(getattr(options, "parent", None))
     return top if observer is None else LoggingTo(top, observer)
+
+
+def _install_reactor() -> None:
+    """relaygw's epoll reactor (``relaygw.reactor``), unless twistd was given one
+    with ``-r`` or something installed one already; twistd's default where there
+    is no epoll."""
+    try:
+        from relaygw.reactor import install_if_none
+    except ImportError:  # no select.epoll on this platform
+        return
+    install_if_none()
 
 
 class LoggingTo(MultiService):

@@ -40,3 +40,23 @@ def test_stdout_lines_are_twistds_classic_format(daemons: DaemonFactory) -> None
     for line in text.splitlines():  # every line is a log line, a continuation or the marker
         assert (re.match(rf"{STAMP} \[[^\]]*\] ", line) or line.startswith("\t")
                 or line.startswith("===== relaygw harness")), line
+
+
+@pytest.mark.parametrize(("reactor_args", "reactor_class"), [
+    ([], "relaygw.reactor.RelayReactor"),
+    (["-r", "poll"], "twisted.internet.pollreactor.PollReactor"),
+], ids=["default", "twistd-r"])
+def test_relaygw_runs_its_epoll_reactor_unless_twistd_is_given_one(
+        daemons: DaemonFactory, reactor_args: list[str], reactor_class: str) -> None:
+    """relaygw.reactor: the default reactor, and an operator's ``twistd -r`` stands;
+    mail flows through either."""
+    daemon = daemons.prepare(base_config(mailboxes=["alice"]))
+    default_command = daemon.command
+    daemon.command = lambda: [default_command()[0], *reactor_args, *default_command()[1:]]
+    daemon.start()
+    message = make_message("s@remote.test", ["alice@example.test"])
+    with daemon.smtp() as smtp:
+        send_smtplib(smtp, "s@remote.test", ["alice@example.test"], message)
+    wait_for(lambda: list((daemon.maildir("example.test", "alice") / "new").glob("*")) or None,
+             20, lambda: daemon.output()[-3000:])
+    assert f"reactor class: {reactor_class}." in daemon.stdout_path.read_text()

@@ -1,0 +1,148 @@
+"""RelayReactor: epoll events reach their selectables as in Twisted's EPollReactor,
+errors included; and twistd relaygw installs it only when no reactor is installed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet.abstract import FileDescriptor
+from twisted.python.failure import Failure
+
+from relaygw.reactor import RelayReactor
+
+
+class Reader(FileDescriptor):
+    """Reads one socket of a pair; ``fail`` makes doRead raise (a protocol's bug)."""
+
+    def __init__(self, reactor: RelayReactor, sock: socket.socket, fail: bool = False) -> None:
+        super().__init__(reactor)
+        self.sock = sock
+        self.fail = fail
+        self.read: list[bytes] = []
+        self.lost: list[Failure] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in a handler")
+        self.read.append(self.sock.recv(100))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+        super().connectionLost(reason)
+
+
+@pytest.fixture
+def reactor() -> Iterator[RelayReactor]:
+    r = RelayReactor()
+    yield r
+    r._poller.close()  # the tests' sockets may be closed by now: no removeAll
+    r.waker.connectionLost(None)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_ready_descriptor_is_read(reactor: RelayReactor,
+                                    pair: tuple[socket.socket, socket.socket]) -> None:
+    reader = Reader(reactor, pair[0])
+    reactor.addReader(reader)
+    reactor.doIteration(0)
+    assert reader.read == []  # nothing sent yet
+    pair[1].send(b"EHLO x\r\n")
+    reactor.doIteration(0)
+    assert reader.read == [b"EHLO x\r\n"]
+    assert reader.lost == []
+
+
+def test_a_handler_that_raises_is_logged_and_disconnected(
+        reactor: RelayReactor, pair: tuple[socket.socket, socket.socket]) -> None:
+    reader = Reader(reactor, pair[0], fail=True)
+    reactor.addReader(reader)
+    pair[1].send(b"x")
+    reactor.doIteration(0)
+    assert len(reader.lost) == 1 and reader.lost[0].check(RuntimeError)
+    assert reader not in reactor.getReaders()
+    errors = [e for e in flush_logged_errors() if e.check(RuntimeError)]
+    assert errors, "the error is logged, as Twisted's reactor logs it"
+
+
+def test_a_descriptor_removed_by_an_earlier_event_of_the_batch_is_skipped(
+        reactor: RelayReactor) -> None:
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    try:
+        victim = Reader(reactor, second)
+
+        class Remover(Reader):
+            def doRead(self) -> None:
+                super().doRead()
+                reactor.removeReader(victim)
+
+        remover = Remover(reactor, first)
+        reactor.addReader(remover)
+        reactor.addReader(victim)
+        first_peer.send(b"a")
+        second_peer.send(b"b")
+        reactor.doIteration(0)
+        # In whichever order epoll reported them: the victim was read at most before
+        # its removal, never after, and nothing failed.
+        assert remover.read == [b"a"]
+        assert victim.read in ([], [b"b"]) and victim.lost == []
+    finally:
+        for s in (first, first_peer, second, second_peer):
+            s.close()
+
+
+def flush_logged_errors() -> list[Failure]:
+    """The failures log.err reported since the last call (pytest has no trial flush)."""
+    return list(_LOGGED)
+
+
+_LOGGED: list[Failure] = []
+
+
+@pytest.fixture(autouse=True)
+def _collect_logged_errors() -> Iterator[None]:
+    from twisted.python import log
+
+    def observer(event: dict[str, object]) -> None:
+        failure = event.get("failure") or event.get("log_failure")
+        if isinstance(failure, Failure):
+            _LOGGED.append(failure)
+
+    _LOGGED.clear()
+    log.addObserver(observer)
+    yield
+    log.removeObserver(observer)
+
+
+INSTALLED = """
+import sys
+from twisted.internet import {first}
+from relaygw.tap import _install_reactor
+_install_reactor()
+from twisted.internet import reactor
+print(type(reactor).__module__ + "." + type(reactor).__name__)
+"""
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    ("defer", "relaygw.reactor.RelayReactor"),  # nothing installed yet: ours
+    ("reactor", "twisted.internet.epollreactor.EPollReactor"),  # one is: it stays
+])
+def test_twistd_relaygw_installs_it_only_where_no_reactor_is(first: str, expected: str) -> None:
+    out = subprocess.run([sys.executable, "-c", INSTALLED.format(first=first)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == expected
