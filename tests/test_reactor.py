@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
@@ -146,3 +147,26 @@ def test_twistd_relaygw_installs_it_only_where_no_reactor_is(first: str, expecte
     out = subprocess.run([sys.executable, "-c", INSTALLED.format(first=first)],
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == expected
+
+
+MAKE_SERVICE = """
+from twisted.application.app import ServerOptions
+from relaygw import tap
+options = tap.Options()
+options.parseOptions([])
+options.parent = {parent}
+tap.makeService(options)
+from twisted.internet import reactor
+print(type(reactor).__name__)
+"""
+
+
+@pytest.mark.parametrize(("parent", "expected"), [
+    ("ServerOptions()", "RelayReactor"),  # parsed by twistd
+    ('{"nodaemon": True}', "EPollReactor"),  # a test or an embedding program: left alone
+])
+def test_make_service_installs_it_only_for_twistd(tmp_path: Path, parent: str,
+                                                  expected: str) -> None:
+    out = subprocess.run([sys.executable, "-c", MAKE_SERVICE.format(parent=parent)],
+                         capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == expected

@@ -796,6 +796,23 @@ def test_pipelining_sends_mail_rcpts_and_data_in_one_write(tmp_path: Path) -> No
         DeliveryResult.failed("550 5.1.1 no such user", MX1)]
 
 
+def test_cancelling_a_pipelined_delivery_ends_it_at_once(tmp_path: Path) -> None:
+    """Shutdown cuts an attempt short by cancelling it: every pipelined reply still
+    awaited gives up with it (not only the one the coroutine waits on), the
+    session is aborted, and the recipients are deferred, nothing left pending."""
+    dialog = Dialog(tmp_path, "a@example.test", "b@example.test")
+    dialog.server("220 mx ESMTP")
+    dialog.server("250-mx", "250 PIPELINING")
+    assert not dialog.result.called
+    dialog.result.cancel()
+    results = result_of(dialog.result)
+    assert [r.status for r in results] == [Status.DEFERRED, Status.DEFERRED]
+    assert dialog.transport.disconnecting  # aborted: no reply can be taken for another's
+    assert [w.what for w in dialog.proto._waiters] in ([], ["QUIT"])  # none of the cut ones
+    dialog.proto.connectionLost(Failure(ConnectionLost("aborted")))  # as TCP then says
+    assert dialog.clock.getDelayedCalls() == []
+
+
 def test_without_pipelining_each_command_waits_for_its_reply(tmp_path: Path) -> None:
     dialog = Dialog(tmp_path, "a@example.test", "b@example.test")
     dialog.server("220 mx ESMTP")

@@ -15,11 +15,16 @@ time per message.
 raise, logs it with ``log.err`` and disconnects the selectable. What escapes
 it (only ``_disconnectSelectable``'s own failures) is logged here, as
 ``callWithLogger`` would. The one difference: a legacy log message from inside
-a handler reads ``[-]`` where it read ``[SMTPServerProtocol,12,127.0.0.1]``.
+a handler reads ``[-]`` where it read ``[SMTPServerProtocol,12,127.0.0.1]``;
+that includes the traceback Twisted logs for an exception a protocol raised
+(a bug: relaygw's protocols log their own errors through ``twisted.logger``).
+It relies on ``EPollReactor``'s ``_poller``, ``_selectables`` and
+``_doReadOrWrite``, as Twisted 26.10 has them; ``tests/test_reactor.py``
+fails if they change.
 
-``install_if_none`` puts it in place for ``twistd relaygw`` unless a reactor is
-already installed (``twistd -r poll``, tests, an embedding application), so an
-operator's choice of reactor stands.
+``relaygw.tap.makeService`` calls ``install_if_none`` when twistd runs it, and
+it installs nothing if a reactor is installed already (``twistd -r poll``),
+so an operator's choice of reactor stands.
 """
 
 from __future__ import annotations

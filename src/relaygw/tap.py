@@ -6,6 +6,7 @@ import os
 import signal
 from typing import Any
 
+from twisted.application.app import ServerOptions
 from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -32,7 +33,8 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    _install_reactor()
+    if isinstance(getattr(options, "parent", None), ServerOptions):
+        _install_reactor()  # run by twistd: not for tests or an embedding program
     from twisted.internet import reactor
 
     from relaygw.service import build_service

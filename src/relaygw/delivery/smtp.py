@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -638,7 +638,7 @@ class _Session:
                      + [self.proto.expect(self.t.data_init, "DATA")])
             if rset_wait is not None:
                 await self._check_rset(rset_wait, waits)
-            replies = [await _reply_or_error(wait) for wait in waits]
+            replies = await _pipelined_replies(waits)
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
@@ -745,13 +745,22 @@ class _Session:
         return DeliveryResult.deferred(f"451 4.4.2 {remote}: {reply}", remote)
 
 
-async def _reply_or_error(wait: Deferred[Reply]) -> Reply | Exception:
-    """The reply, or what stood in for it (a timeout, a lost connection): one of the
-    pipelined replies, awaited in order (they come in order), each error consumed."""
-    try:
-        return await wait
-    except Exception as e:
-        return e
+async def _pipelined_replies(waits: list[Deferred[Reply]]) -> list[Reply | Exception]:
+    """Each reply, or what stood in for it (a timeout, a lost connection), awaited in
+    order (they come in order), every error consumed: ``DeferredList(waits,
+    consumeErrors=True)`` without its cost. As with a DeferredList, cancelling
+    (shutdown cutting the attempt) cancels them all, not just the one awaited."""
+    replies: list[Reply | Exception] = []
+    for index, wait in enumerate(waits):
+        try:
+            replies.append(await wait)
+        except CancelledError as e:
+            replies.append(e)
+            for rest in waits[index + 1:]:
+                rest.cancel()
+        except Exception as e:
+            replies.append(e)
+    return replies
 
 
 def _last_error(replies: list[Reply | Exception]) -> Exception:

@@ -318,16 +318,24 @@ class SMTPClientProtocol(Protocol):
             return succeed(self._replies.popleft())
         if self._lost is not None:
             return fail(SMTPConnectionLost(f"connection lost before the reply to {what}"))
-        waiter: Deferred[Reply] = Deferred()
-        now = self._clock.seconds()
-        deadline = now + timeout
+        waiter: Deferred[Reply] = Deferred(canceller=self._waiter_cancelled)
+        deadline = self._clock.seconds() + timeout
         self._waiters.append(_Waiter(waiter, deadline, timeout, what))
         timer = self._reply_timer
-        if timer is None:
+        if timer is None or deadline < timer.getTime():
+            # Not timer.reset(): moving a timed call sooner scans the reactor's heap.
+            self._cancel_reply_timer()
             self._reply_timer = self._clock.callLater(timeout, self._timed_out)
-        elif deadline < timer.getTime():
-            timer.reset(timeout)
         return waiter
+
+    def _waiter_cancelled(self, waiter: Deferred[Reply]) -> None:
+        """A caller gave up on its reply (shutdown cutting an attempt short): the
+        replies still to come could no longer be matched to their waiters, so the
+        session ends; the others hear that the connection was lost."""
+        self._waiters = deque(w for w in self._waiters if w.deferred is not waiter)
+        if not self._waiters:
+            self._cancel_reply_timer()
+        self.abort()
 
     def command(self, line: bytes, timeout: float, what: str | None = None) -> Deferred[Reply]:
         self.send(line)
@@ -344,6 +352,9 @@ class SMTPClientProtocol(Protocol):
                 self._reply_timer = self._clock.callLater(earliest - now, self._timed_out)
             return
         self._waiters = deque(w for w in self._waiters if w.deadline > now)
+        if self._waiters:  # until the abort's connectionLost ends them, they keep theirs
+            earliest = min(w.deadline for w in self._waiters)
+            self._reply_timer = self._clock.callLater(earliest - now, self._timed_out)
         for waiter in expired:
             waiter.deferred.errback(SMTPTimeout(
                 f"timeout after {waiter.timeout:g}s waiting for the reply to {waiter.what}"))
