@@ -979,6 +979,30 @@ def test_what_send_did_not_take_is_written_and_done_waits_for_the_drain(
     assert producer.done.called and transport.producer is None
 
 
+@pytest.mark.parametrize("takes", [None, 3], ids=["all-at-once", "partly"])
+def test_the_data_block_timer_runs_only_while_a_message_is_still_going_out(
+        monkeypatch: pytest.MonkeyPatch, takes: int | None) -> None:
+    """A message send() took whole needs no data-block timer (none is armed); one it
+    took in part is watched by it until the rest has drained."""
+    clock = Clock()
+    proto, transport = connected(clock)
+    monkeypatch.setattr(smtpclient, "send_directly",
+                        lambda t, data: len(data) if takes is None else min(takes, len(data)))
+    armed: list[float] = []
+    real_call_later = clock.callLater
+    monkeypatch.setattr(clock, "callLater",
+                        lambda delay, *a, **kw: armed.append(delay) or real_call_later(
+                            delay, *a, **kw))
+    done = proto.send_message(io.BytesIO(b"a\r\n.b\r\n"), 180)
+    if takes is None:
+        assert done.called and armed == [] and clock.getDelayedCalls() == []
+        return
+    assert not done.called and armed and armed[-1] == 180
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+    assert done.called and clock.getDelayedCalls() == []
+
+
 def test_a_short_read_before_the_end_is_not_taken_for_the_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A read shorter than asked is no proof of the end on every file system: the whole
