@@ -448,3 +448,77 @@ def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
     assert records == [] and good == 0 and problem is not None
     assert torn is False  # given up on: kept as damage, nothing lost
     assert checked[0] <= 2 * len(data) + size * count  # not ~size * count**2 / 2
+
+
+# --- done records wait for a batch to go with ------------------------------------------
+
+
+class CountingReactor(NowReactor):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callFromThread(self, fn: Any, *args: Any) -> None:
+        self.calls += 1
+        fn(*args)
+
+
+def test_a_done_record_goes_with_the_next_message_in_one_fdatasync(tmp_path: Path) -> None:
+    """The real writer thread: a done record waits (here up to 30 s) for the next
+    message's batch instead of an fdatasync of its own; the message does not wait."""
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, done_delay=30.0)
+    journal.start()
+    first = append_threaded(journal, IDS[0])
+    assert fake.fdatasyncs == 1
+    journal.append_done(IDS[0], first)
+    append_threaded(journal, IDS[1])  # returns once durable: the done record with it
+    assert fake.fdatasyncs == 2
+    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
+    journal.stop()
+
+
+def test_a_done_record_alone_is_written_at_the_stop(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, done_delay=30.0)
+    journal.start()
+    location = append_threaded(journal, IDS[0])
+    journal.append_done(IDS[0], location)
+    journal.stop()  # does not wait out the 30 s: the stop is written at once
+    assert fake.fdatasyncs == 2
+    assert live_messages(journal.directory)[0] == {}
+
+
+def test_a_batch_of_done_records_waits_no_longer_than_done_delay(tmp_path: Path) -> None:
+    """next_batch with no message queued: it returns once the clock passes the first
+    entry's deadline (a fake clock, so nothing blocks)."""
+    times = iter([100.0, 100.2])
+    journal = opened(tmp_path, done_delay=0.05, clock=lambda: next(times))
+    location = append(journal, IDS[0])
+    journal.append_done(IDS[0], location)
+    journal._queue.put((journal_module.DONE, IDS[1].encode("ascii"), None))  # arrives later
+    batch = journal.next_batch()
+    assert [entry[0] for entry in batch if entry is not None] == [journal_module.DONE] * 2
+
+
+def test_a_message_is_never_held_back_by_the_done_delay(tmp_path: Path) -> None:
+    journal = opened(tmp_path, done_delay=3600.0)
+    location = append(journal, IDS[0])
+    journal.append_done(IDS[0], location)
+    journal.append_message(IDS[1], b"{}", b"m")
+    batch = journal.next_batch()  # would block for an hour if the message waited
+    assert [entry[0] for entry in batch if entry is not None] == [
+        journal_module.DONE, journal_module.MESSAGE]
+
+
+def test_a_batch_of_done_records_only_does_not_call_the_reactor(tmp_path: Path) -> None:
+    reactor = CountingReactor()
+    journal = Journal(tmp_path / "journal", reactor, CountingOS())
+    journal.open()
+    location = append(journal, IDS[0])
+    journal.append_done(IDS[0], location)
+    run_writer_once(journal)
+    assert reactor.calls == 0
+    assert live_messages(journal.directory)[0] == {}
+    journal.append_message(IDS[1], b"{}", b"m")
+    run_writer_once(journal)
+    assert reactor.calls == 1  # a message's Deferred is fired from the reactor thread
