@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -462,52 +463,111 @@ class CountingReactor(NowReactor):
         fn(*args)
 
 
-def test_a_done_record_goes_with_the_next_message_in_one_fdatasync(tmp_path: Path) -> None:
-    """The real writer thread: a done record waits (here up to 30 s) for the next
-    message's batch instead of an fdatasync of its own; the message does not wait."""
-    fake = CountingOS()
-    journal = opened(tmp_path, fake, done_delay=30.0)
-    journal.start()
-    first = append_threaded(journal, IDS[0])
-    assert fake.fdatasyncs == 1
-    journal.append_done(IDS[0], first)
-    append_threaded(journal, IDS[1])  # returns once durable: the done record with it
-    assert fake.fdatasyncs == 2
-    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
-    journal.stop()
+class ScriptedQueue:
+    """The writer's queue, played by the test: what is queued now, and what a
+    ``get(timeout=t)`` then brings (an entry, or nothing: queue.Empty); every
+    timeout asked for is recorded. Nothing ever blocks."""
+
+    def __init__(self, queued: list[Any], later: list[Any]) -> None:
+        self.queued = list(queued)
+        self.later = list(later)
+        self.timeouts: list[float | None] = []
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.timeouts.append(timeout)
+        if timeout is None:
+            assert self.queued, "would block for ever"
+            return self.queued.pop(0)
+        assert 0 <= timeout < 3600
+        if self.later:
+            return self.later.pop(0)
+        raise queue.Empty
+
+    def get_nowait(self) -> Any:
+        if not self.queued:
+            raise queue.Empty
+        return self.queued.pop(0)
 
 
-def test_a_done_record_alone_is_written_at_the_stop(tmp_path: Path) -> None:
-    fake = CountingOS()
-    journal = opened(tmp_path, fake, done_delay=30.0)
-    journal.start()
-    location = append_threaded(journal, IDS[0])
-    journal.append_done(IDS[0], location)
-    journal.stop()  # does not wait out the 30 s: the stop is written at once
-    assert fake.fdatasyncs == 2
-    assert live_messages(journal.directory)[0] == {}
+DONE_ENTRY = (journal_module.DONE, IDS[0].encode("ascii"), None)
+OTHER_DONE = (journal_module.DONE, IDS[1].encode("ascii"), None)
+MESSAGE_ENTRY = (journal_module.MESSAGE, b"payload", None)
 
 
-def test_a_batch_of_done_records_waits_no_longer_than_done_delay(tmp_path: Path) -> None:
-    """next_batch with no message queued: it returns once the clock passes the first
-    entry's deadline (a fake clock, so nothing blocks)."""
-    times = iter([100.0, 100.2])
-    journal = opened(tmp_path, done_delay=0.05, clock=lambda: next(times))
-    location = append(journal, IDS[0])
-    journal.append_done(IDS[0], location)
-    journal._queue.put((journal_module.DONE, IDS[1].encode("ascii"), None))  # arrives later
-    batch = journal.next_batch()
-    assert [entry[0] for entry in batch if entry is not None] == [journal_module.DONE] * 2
+def scripted(tmp_path: Path, queued: list[Any], later: list[Any],
+             times: list[float]) -> tuple[Journal, ScriptedQueue]:
+    clock = iter(times)
+    journal = opened(tmp_path, done_delay=0.05, clock=lambda: next(clock))
+    journal._queue = ScriptedQueue(queued, later)  # type: ignore[assignment]
+    return journal, journal._queue  # type: ignore[return-value]
+
+
+def test_done_records_wait_what_is_left_of_the_delay_then_go_alone(tmp_path: Path) -> None:
+    journal, q = scripted(tmp_path, [DONE_ENTRY], [], times=[100.0, 100.01])
+    assert journal.next_batch() == [DONE_ENTRY]
+    assert q.timeouts == [None, pytest.approx(0.04)]  # the first blocks; then 50 ms - 10
+
+
+def test_a_message_ends_the_wait_of_done_records_and_goes_with_them(tmp_path: Path) -> None:
+    journal, q = scripted(tmp_path, [DONE_ENTRY], [OTHER_DONE, MESSAGE_ENTRY],
+                          times=[100.0, 100.01, 100.02])
+    assert journal.next_batch() == [DONE_ENTRY, OTHER_DONE, MESSAGE_ENTRY]
+    assert q.timeouts == [None, pytest.approx(0.04), pytest.approx(0.03)]
+
+
+def test_the_stop_ends_the_wait_of_done_records(tmp_path: Path) -> None:
+    journal, q = scripted(tmp_path, [DONE_ENTRY], [None], times=[100.0, 100.01])
+    assert journal.next_batch() == [DONE_ENTRY, None]
+    assert q.timeouts == [None, pytest.approx(0.04)]
 
 
 def test_a_message_is_never_held_back_by_the_done_delay(tmp_path: Path) -> None:
-    journal = opened(tmp_path, done_delay=3600.0)
+    journal, q = scripted(tmp_path, [DONE_ENTRY, MESSAGE_ENTRY], [], times=[100.0])
+    assert journal.next_batch() == [DONE_ENTRY, MESSAGE_ENTRY]
+    assert q.timeouts == [None]  # no wait at all
+
+
+def test_done_records_past_their_deadline_go_without_a_wait(tmp_path: Path) -> None:
+    journal, q = scripted(tmp_path, [DONE_ENTRY, OTHER_DONE], [], times=[100.0, 100.2])
+    assert journal.next_batch() == [DONE_ENTRY, OTHER_DONE]
+    assert q.timeouts == [None]
+
+
+def test_done_records_of_a_failed_batch_are_tried_again_while_idle(tmp_path: Path) -> None:
+    """No new entry need come: done_delay after the failure, the writer tries again."""
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, done_delay=0.05)
     location = append(journal, IDS[0])
     journal.append_done(IDS[0], location)
-    journal.append_message(IDS[1], b"{}", b"m")
-    batch = journal.next_batch()  # would block for an hour if the message waited
-    assert [entry[0] for entry in batch if entry is not None] == [
-        journal_module.DONE, journal_module.MESSAGE]
+    fake.fail_fdatasync = True
+    run_writer_once(journal)  # the done record's batch fails
+    assert journal._unwritten_done
+    fake.fail_fdatasync = False
+    journal._queue = ScriptedQueue([], [])  # type: ignore[assignment]  # nothing comes
+    batch = journal.next_batch()  # back after done_delay, empty, instead of blocking
+    assert batch == [] and journal._queue.timeouts == [0.05]  # type: ignore[attr-defined]
+    journal.handle(batch)
+    assert not journal._unwritten_done
+    assert live_messages(journal.directory)[0] == {}
+
+
+@pytest.mark.parametrize("delay", [float("inf"), float("nan"), -1.0])
+def test_a_done_delay_the_queue_cannot_wait_is_refused(tmp_path: Path, delay: float) -> None:
+    with pytest.raises(ValueError, match="done_delay"):
+        Journal(tmp_path / "journal", NowReactor(), done_delay=delay)
+
+
+def test_with_the_writer_thread_a_done_record_is_written_by_the_stop(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, done_delay=30.0)
+    journal.start()
+    try:
+        location = append_threaded(journal, IDS[0])
+        journal.append_done(IDS[0], location)
+    finally:
+        journal.stop()  # does not wait out the 30 s: the stop is written at once
+    assert fake.fdatasyncs == 2
+    assert live_messages(journal.directory)[0] == {}
 
 
 def test_a_batch_of_done_records_only_does_not_call_the_reactor(tmp_path: Path) -> None:

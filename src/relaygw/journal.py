@@ -263,6 +263,8 @@ class Journal:
         self._flushing = False
         self.os = os_module
         self.segment_bytes = segment_bytes
+        if not 0 <= done_delay < 3600:  # a queue's get() refuses infinity and NaN
+            raise ValueError(f"done_delay must be 0 to 3600 seconds, not {done_delay!r}")
         self.done_delay = done_delay
         self._clock = clock
         self._queue: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
@@ -374,8 +376,16 @@ class Journal:
     def next_batch(self) -> list[Entry | None]:
         """Everything queued, once it holds a message or the stop (written at
         once), or ``done_delay`` after its first entry (writer thread): done
-        records and retirements wait that long for a batch to go with."""
-        batch = [self._queue.get()]
+        records and retirements wait that long for a batch to go with. After
+        a failed batch, ``done_delay`` later even if nothing comes: its done
+        records are not left unwritten while the relay is idle."""
+        if self._unwritten_done:  # a batch failed: its done records are tried again
+            try:
+                batch = [self._queue.get(timeout=self.done_delay)]
+            except queue.Empty:
+                return []
+        else:
+            batch = [self._queue.get()]
         deadline = self._clock() + self.done_delay
         while True:
             while True:
@@ -383,8 +393,10 @@ class Journal:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            if _urgent(batch):
+                return batch
             remaining = deadline - self._clock()
-            if _urgent(batch) or remaining <= 0:
+            if remaining <= 0:
                 return batch
             try:
                 batch.append(self._queue.get(timeout=remaining))
