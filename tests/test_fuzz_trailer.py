@@ -9,7 +9,7 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygw.spool import FOOTER_SIZE, read_trailer, trailer_footer
+from relaygw.queuefile import FOOTER_SIZE, read_trailer, trailer_footer
 
 
 def parse(content: bytes) -> bytes:

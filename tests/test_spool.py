@@ -16,15 +16,8 @@ from twisted.python.failure import Failure
 
 from core_fakes import FailingOS, open_fds, recipient, sync_run
 from relaygw.envelope import Envelope, RecipientState
-from relaygw.spool import (
-    BUFFER_LIMIT,
-    FOOTER_SIZE,
-    TRAILER_READ,
-    Spool,
-    is_queue_id,
-    new_queue_id,
-    trailer_footer,
-)
+from relaygw.queuefile import FOOTER_SIZE, TRAILER_READ, is_queue_id, new_queue_id, trailer_footer
+from relaygw.spool import BUFFER_LIMIT, Spool
 
 MESSAGE = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n"
 

@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from core_fakes import journaled_spool, queue_message, recipient, sync_run
+from relaygw import journalconvert
 from relaygw import spool as spool_module
 from relaygw.envelope import Envelope, RecipientState
 from relaygw.journal import Journal, live_messages, segment_name, segment_numbers
@@ -279,7 +280,7 @@ def test_no_move_starts_beside_a_save_that_is_moving_the_message(
     ("Linux", "weird", False), ("FreeBSD", "14.0-RELEASE", False)])
 def test_syncfs_is_trusted_only_where_it_reports_write_back_errors(
         system: str, release: str, trusted: bool) -> None:
-    assert spool_module._reports_writeback_errors(system, release) is trusted
+    assert journalconvert._reports_writeback_errors(system, release) is trusted
 
 
 def test_a_save_cut_short_by_its_caller_still_finishes_its_move(

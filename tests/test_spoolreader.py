@@ -34,8 +34,9 @@ import relaygw
 from core_fakes import queue_message, recipient, sync_run
 from relaygw import service, spoolreader
 from relaygw.envelope import Envelope
+from relaygw.queuefile import parse_envelope, trailer_footer
 from relaygw.service import Gateway
-from relaygw.spool import Spool, parse_envelope, trailer_footer
+from relaygw.spool import Spool
 from relaygw.spoolreader import (
     FRAME_HEADER,
     Batch,

@@ -48,10 +48,11 @@ from relaygw.dns import (
     configured_resolver,
 )
 from relaygw.envelope import Envelope
+from relaygw.queuefile import is_queue_id
 from relaygw.queueview import parse_rfc3339, queue_listing, show_entry
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import MessageHeld, UnknownMessage
-from relaygw.spool import Spool, is_queue_id
+from relaygw.spool import Spool
 
 
 class Failure(Exception):

@@ -21,9 +21,9 @@ from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from relaygw.queuefile import is_queue_id
 from relaygw.queueview import queue_listing, show_entry
 from relaygw.scheduler import MessageHeld, Scheduler, UnknownMessage
-from relaygw.spool import is_queue_id
 
 SOCKET_NAME = "control.sock"
 TIMEOUT = 10.0

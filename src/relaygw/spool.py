@@ -37,6 +37,9 @@ a name) and the temp name removed; ``recover`` removes a temp file a crash
 left. Removal unlinks ``ID.q`` first, so a half-removed entry (an
 ``ID.env`` alone) is ignored and cleaned up.
 
+The format of one queue file is ``relaygw.queuefile``'s; turning a journal
+left by a crash or a stop into queue files, ``relaygw.journalconvert``'s.
+
 All blocking work runs through ``run_blocking`` (a thread pool in
 production, a direct call in unit tests); the OS calls go through an
 injectable ``os`` stand-in so tests can make writes fail.
@@ -44,14 +47,10 @@ injectable ``os`` stand-in so tests can make writes fail.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
-import itertools
 import os
-import random
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -67,14 +66,21 @@ from relaygw.journal import (
     Journal,
     Location,
     Record,
-    fsync_directory,
     live_messages,
-    segment_name,
-    segment_numbers,
     write_done_segment,
 )
 from relaygw.journal import read_message as read_journaled
+from relaygw.journalconvert import convert_journal
 from relaygw.messagecache import MessageCache
+from relaygw.queuefile import (
+    MessageFile,
+    RawRecord,
+    new_queue_id,
+    parse_envelope,
+    parse_records,
+    read_trailer,
+    trailer_footer,
+)
 
 T = TypeVar("T")
 BUFFER_LIMIT = 64 * 1024
@@ -88,10 +94,6 @@ O_TMPFILE = getattr(os, "O_TMPFILE", 0)  # 0 where the platform has none
 # What link(2) says on a file system that has no hard links.
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
 KEEP_SEGMENTS = 4      # journal segments in use before lingering messages move to files
-TRAILER_READ = 4096    # bytes read from a queue file's end: most envelopes fit
-RawRecord = tuple[str, bytes | None, str | None]  # (queue id, raw envelope, problem)
-_ids = itertools.count()
-_random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
 
 class BlockingRunner(Protocol):
@@ -119,56 +121,10 @@ class QueueFiles:
         return MessageFile(message_path, envelope.size)
 
 
-def new_queue_id() -> str:
-    """Unique, sortable by arrival, safe as a file name: 11 hex digits of
-    microseconds, then a counter and randomness against collisions across
-    restarts and instances sharing nothing."""
-    micros = time.time_ns() // 1000
-    return f"{micros:013X}{next(_ids) % 4096:03X}{_random.getrandbits(12):03X}"
-
-
 def _is_entry_name(stem: str) -> bool:
     """Letters, digits, '-' and '_' only: what relaygw's ids (and the ids of
     hand-made test entries) are made of."""
     return stem.isascii() and stem != "" and stem.replace("-", "").replace("_", "").isalnum()
-
-
-_libc: Any = None
-
-
-def sync_file_system(fd: int) -> bool:
-    """``syncfs(2)`` on the file system holding ``fd``: every write so far made
-    durable at once. False where it cannot be trusted to say so (then fsync
-    each): before Linux 5.8 it reported no write-back error (EIO, ENOSPC),
-    and where the C library has none."""
-    global _libc
-    if not _reports_writeback_errors(os.uname().sysname, os.uname().release):
-        return False
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        syncfs = _libc.syncfs
-    except (OSError, AttributeError):
-        return False
-    if syncfs(fd) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return True
-
-
-def _reports_writeback_errors(system: str, release: str) -> bool:
-    """Whether this kernel's syncfs reports write-back errors (Linux 5.8+)."""
-    if system != "Linux":
-        return False
-    try:
-        major, minor = (int(part) for part in release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (5, 8)
-
-
-def is_queue_id(text: str) -> bool:
-    return len(text) == 19 and all(c in "0123456789ABCDEF" for c in text)
 
 
 class Incoming:
@@ -274,77 +230,10 @@ class Spool:
             self.journal.stop()
 
     def convert_journal(self) -> int:
-        """Give every message left in the journal a queue file, then retire every
-        segment (blocking; at start-up, before ``scan``): after a crash or a
-        stop, the queue is files alone again. Returns how many it converted.
-
-        The files are written as ``tmp-ID``, made durable together (one
-        ``syncfs`` where it reports write-back errors; else an fsync each), and
-        only then renamed
-        to ``ID.q``: a crash in between leaves temp files that ``scan`` removes
-        and a journal that is converted again. A message that has a queue file
-        already was moved out of the journal before its done record was
-        written, and the file is complete (named only once durable): it is
-        kept. A damaged segment goes to ``corrupt/`` (never overwritten) once
-        what it held before the damage is queued; a torn tail of the newest
-        segment held only appends never acknowledged."""
-        directory = self.journal_directory
-        if not directory.is_dir():
-            return 0
-        numbers = segment_numbers(directory)
-        if not numbers:
-            return 0
-        live, problems = live_messages(directory)
-        damaged = dict(problems)
-        written: list[str] = []
-        for queue_id, record in live.items():
-            assert record.location is not None
-            if not is_queue_id(queue_id):
-                damaged.setdefault(record.location.segment, f"a record for {queue_id!r}")
-                continue
-            if os.path.exists(self.message_path(queue_id)):
-                continue
-            message = read_journaled(directory, record.location)
-            fd = os.open(f"{self._directory}/tmp-{queue_id}",
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                self._write_all(fd, message + record.envelope
-                                + trailer_footer(len(record.envelope)))
-            finally:
-                os.close(fd)
-            written.append(queue_id)
-        if written:
-            if not sync_file_system(self._directory_descriptor()):
-                for queue_id in written:
-                    fd = os.open(f"{self._directory}/tmp-{queue_id}", os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            for queue_id in written:
-                os.rename(f"{self._directory}/tmp-{queue_id}", self.message_path(queue_id))
-        # Queue files named before a crash may not have had their directory
-        # fsync yet (and those written here must be named for good): before any
-        # segment goes, the spool directory is made durable.
-        self._fsync_directory()
-        for number in numbers:
-            path = directory / segment_name(number)
-            if number in damaged:
-                self.log.error("spool: journal segment {name} is damaged ({problem}); what"
-                               " came before the damage was queued, the segment is kept in"
-                               " corrupt/", name=path.name, problem=damaged[number])
-                corrupt = self.directory / "corrupt"
-                corrupt.mkdir(mode=0o700, exist_ok=True)
-                os.replace(path, corrupt / f"journal-{new_queue_id()}-{path.name}")
-                fsync_directory(corrupt)
-                self._fsync_directory()
-            else:
-                os.unlink(path)
-            fsync_directory(directory)  # oldest first, each for good: no subset comes back
-        if written:
-            self.log.info("spool: {count} messages moved from the journal to queue files",
-                          count=len(written))
-        return len(written)
+        """Give every message left in the journal its queue file and retire the
+        segments (blocking; at start-up): ``relaygw.journalconvert``."""
+        return convert_journal(self.directory, self._directory_descriptor(),
+                               self._fsync_directory, self._write_all)
 
     def _journal_left_on_disk(self) -> dict[str, Record]:
         """The journal's live messages as a spool without a writer sees them
@@ -957,93 +846,3 @@ class Spool:
             pass
         except OSError as e:
             self.log.warn("spool: cannot remove {path}: {error}", path=str(path), error=e)
-
-
-# --- the queue file's trailer ------------------------------------------------------
-
-
-def parse_records(records: list[RawRecord]) -> tuple[list[Envelope], list[tuple[str, str]]]:
-    """The envelopes of ``read_raw_entries`` records, and the damaged ones as
-    (id, problem): a trailer that was not there, or JSON that is no envelope."""
-    envelopes = []
-    damaged = []
-    for queue_id, raw, problem in records:
-        if raw is not None:
-            try:
-                envelopes.append(parse_envelope(raw))
-                continue
-            except ValueError as e:
-                problem = str(e)
-        damaged.append((queue_id, problem or "unreadable"))
-    return envelopes, damaged
-
-
-def parse_envelope(raw: bytes) -> Envelope:
-    """An envelope from its JSON; ValueError for anything that is not a valid one."""
-    try:
-        return Envelope.from_bytes(raw)
-    except (TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"malformed envelope: {type(e).__name__}: {e}") from None
-
-
-FOOTER_PREFIX = b"\nrelaygw-envelope "
-FOOTER_FORMAT = "\nrelaygw-envelope {:010d}\n"
-FOOTER_SIZE = len(FOOTER_FORMAT.format(0))
-
-
-def trailer_footer(envelope_length: int) -> bytes:
-    """The fixed-size last line of a queue file: how long the envelope before it is."""
-    return FOOTER_FORMAT.format(envelope_length).encode("ascii")
-
-
-def read_trailer(fd: int) -> bytes:
-    """The committed envelope's JSON from the end of an open queue file.
-
-    One fstat, then one pread of the file's last ``TRAILER_READ`` bytes, which
-    holds most envelopes whole (start-up reads every entry). ValueError if
-    the file does not end in a well-formed trailer (damage, or a bare
-    message): the caller quarantines it."""
-    end = os.fstat(fd).st_size
-    tail = os.pread(fd, min(end, TRAILER_READ), end - min(end, TRAILER_READ))
-    if end < FOOTER_SIZE:
-        raise ValueError("queue file too short for an envelope trailer")
-    footer = tail[-FOOTER_SIZE:]
-    digits = footer[len(FOOTER_PREFIX):-1]  # ten of them when the footer is well formed
-    if not (footer.startswith(FOOTER_PREFIX) and footer.endswith(b"\n")
-            and digits.isdigit()):
-        raise ValueError("no envelope trailer at the end of the queue file")
-    length = int(digits)
-    if length > end - FOOTER_SIZE:
-        raise ValueError("envelope trailer longer than the queue file")
-    if length + FOOTER_SIZE <= len(tail):
-        return tail[len(tail) - FOOTER_SIZE - length:len(tail) - FOOTER_SIZE]
-    return os.pread(fd, length, end - FOOTER_SIZE - length)
-
-
-class MessageFile:
-    """A queue file opened for its message only: reads stop at ``size`` bytes,
-    where the envelope trailer begins. A context manager, like a file."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        # Unbuffered: reads are already big, and a buffered open costs an isatty
-        # ioctl and an lseek per message.
-        self._file = open(path, "rb", buffering=0)  # closed by close() or __exit__
-        self._left = size
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._left:
-            n = self._left
-        if n == 0:
-            return b""
-        data = self._file.read(n)
-        self._left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> MessageFile:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -47,7 +47,8 @@ from twisted.python.failure import Failure
 
 import relaygw
 from relaygw.envelope import Envelope
-from relaygw.spool import RECOVERY_BATCH, RawRecord, Spool, parse_records
+from relaygw.queuefile import RawRecord, parse_records
+from relaygw.spool import RECOVERY_BATCH, Spool
 
 Entry = tuple[str, bool]
 # (count, records, error, unreadable)

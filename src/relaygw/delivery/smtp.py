@@ -65,8 +65,9 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
+from relaygw.queuefile import MessageFile
 from relaygw.routing import Router
-from relaygw.spool import MessageFile, MessageSource, QueueFiles
+from relaygw.spool import MessageSource, QueueFiles
 
 # What a broken session raises: each means "no reply", never "a reply that said no".
 SESSION_ERRORS = (SMTPTimeout, SMTPProtocolError, ConnectionLost)
