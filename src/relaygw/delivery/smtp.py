@@ -755,12 +755,11 @@ async def _pipelined_replies(waits: list[Deferred[Reply]]) -> list[Reply | Excep
     for index, wait in enumerate(waits):
         try:
             replies.append(await wait)
-        except CancelledError as e:
-            replies.append(e)
-            for rest in waits[index + 1:]:
-                rest.cancel()
         except Exception as e:
             replies.append(e)
+            if isinstance(e, CancelledError):
+                for rest in waits[index + 1:]:
+                    rest.cancel()
     return replies
 
 

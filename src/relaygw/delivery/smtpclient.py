@@ -346,15 +346,12 @@ class SMTPClientProtocol(Protocol):
         self._reply_timer = None
         now = self._clock.seconds()
         expired = [w for w in self._waiters if w.deadline <= now]
-        if not expired:
-            if self._waiters:
-                earliest = min(w.deadline for w in self._waiters)
-                self._reply_timer = self._clock.callLater(earliest - now, self._timed_out)
-            return
         self._waiters = deque(w for w in self._waiters if w.deadline > now)
-        if self._waiters:  # until the abort's connectionLost ends them, they keep theirs
+        if self._waiters:  # (after an abort, until its connectionLost ends them)
             earliest = min(w.deadline for w in self._waiters)
             self._reply_timer = self._clock.callLater(earliest - now, self._timed_out)
+        if not expired:
+            return
         for waiter in expired:
             waiter.deferred.errback(SMTPTimeout(
                 f"timeout after {waiter.timeout:g}s waiting for the reply to {waiter.what}"))
