@@ -115,6 +115,25 @@ def result_of(d: Deferred[Any]) -> Any:
     return results[0]
 
 
+def failure_of(d: Deferred[Any]) -> Failure:
+    """The Failure a fired Deferred failed with (consumed)."""
+    results: list[object] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    assert isinstance(results[0], Failure), results[0]
+    return results[0]
+
+
+def assert_times_out(clock: Clock, d: Deferred[Any], seconds: float, what: str) -> None:
+    """``d`` still waits ``seconds`` - 1 from now, and fails at ``seconds`` with an
+    SMTPTimeout that names ``what``."""
+    clock.advance(seconds - 1)
+    assert not d.called
+    clock.advance(1)
+    failure = failure_of(d)
+    assert failure.check(SMTPTimeout) and what in failure.getErrorMessage()
+
+
 MX1 = "mx1.example.test[127.0.0.2]:2525"
 MX2 = "mx2.example.test[127.0.0.3]:2525"
 
@@ -319,9 +338,8 @@ def test_a_malformed_reply_is_a_protocol_error_and_drops_the_connection() -> Non
     proto, transport = connected()
     d = proto.expect(10)
     proto.dataReceived(b"hello there\r\n")
-    failure: list[Failure] = []
-    d.addErrback(failure.append)
-    assert failure[0].check(SMTPProtocolError)
+    failure = failure_of(d)
+    assert failure.check(SMTPProtocolError)
     assert transport.disconnecting
 
 
@@ -329,13 +347,7 @@ def test_no_reply_in_time_is_a_timeout_and_aborts() -> None:
     clock = Clock()
     proto, transport = connected(clock)
     d = proto.command(b"MAIL FROM:<>", 300)
-    clock.advance(299)
-    assert not d.called
-    clock.advance(1)
-    failure: list[Failure] = []
-    d.addErrback(failure.append)
-    assert failure[0].check(SMTPTimeout)
-    assert "MAIL" in failure[0].getErrorMessage()
+    assert_times_out(clock, d, 300, "MAIL")
     assert transport.disconnecting
 
 
@@ -346,13 +358,7 @@ def test_each_pipelined_waiter_keeps_its_own_deadline_under_the_one_timer() -> N
     rcpt = proto.expect(300, "RCPT")
     data = proto.expect(120, "DATA")
     assert len(clock.getDelayedCalls()) == 1
-    clock.advance(119)
-    assert not data.called and not rcpt.called
-    clock.advance(1)
-    failures: list[Failure] = []
-    data.addErrback(failures.append)
-    assert failures[0].check(SMTPTimeout)
-    assert "120s" in failures[0].getErrorMessage() and "DATA" in failures[0].getErrorMessage()
+    assert_times_out(clock, data, 120, "120s waiting for the reply to DATA")
     assert not rcpt.called  # its deadline is not past: the abort's connectionLost ends it
     assert transport.disconnecting
 
@@ -366,12 +372,7 @@ def test_a_reply_moves_the_timer_on_to_the_next_waiters_deadline() -> None:
     assert result_of(rset).code == 250
     clock.advance(100)  # past RSET's deadline: nothing of MAIL's has run out
     assert not mail.called and not transport.disconnecting
-    clock.advance(199)
-    assert not mail.called
-    clock.advance(1)
-    failures: list[Failure] = []
-    mail.addErrback(failures.append)
-    assert failures[0].check(SMTPTimeout) and "MAIL" in failures[0].getErrorMessage()
+    assert_times_out(clock, mail, 200, "MAIL")
 
 
 def test_no_timer_is_left_once_every_reply_is_in() -> None:
@@ -388,9 +389,8 @@ def test_connection_lost_fails_every_waiter() -> None:
     waiters = [proto.expect(10, "RCPT"), proto.expect(10, "DATA")]
     proto.connectionLost(Failure(ConnectionLost("gone")))
     for d in waiters:
-        failure: list[Failure] = []
-        d.addErrback(failure.append)
-        assert failure[0].check(ConnectionLost)
+        failure = failure_of(d)
+        assert failure.check(ConnectionLost)
     later: list[Failure] = []
     proto.expect(10).addErrback(later.append)
     assert later[0].check(ConnectionLost)
@@ -1024,9 +1024,8 @@ def test_a_read_error_at_the_start_fails_the_delivery_instead_of_raising(
     proto = SMTPClientProtocol(Clock())
     proto.makeConnection(StringTransport())
     d = proto.send_message(Source(b"", error=OSError(5, "Input/output error")), 180)
-    failure: list[Failure] = []
-    d.addErrback(failure.append)
-    assert failure and failure[0].check(OSError)
+    failure = failure_of(d)
+    assert failure.check(OSError)
     assert proto._producer is None
 
 
