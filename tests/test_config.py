@@ -206,7 +206,7 @@ def test_parse_duration(value: object, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("value", ["5x", -1, "-1", "-5m", "", "m", "5 minutes", True, None,
-                                   [5], "1e3"], ids=repr)
+                                   [5], "1e3", float("nan"), float("inf")], ids=repr)
 def test_parse_duration_refuses(value: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(value)
@@ -222,6 +222,12 @@ def test_parse_duration_refuses(value: object) -> None:
 def test_durations_in_the_file(text: str, seconds: float) -> None:
     config = parse_config(f"{LISTENER}[limits]\n{text}\n")
     assert config.limits.command_timeout == seconds
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_toml_nan_or_inf_duration_stops_start_up(value: str) -> None:
+    with pytest.raises(ConfigError, match="command_timeout"):
+        parse_config(f"{LISTENER}[limits]\ncommand_timeout = {value}\n")
 
 
 def test_retry_schedule_mixes_strings_and_integers() -> None:

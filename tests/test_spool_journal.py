@@ -352,3 +352,11 @@ def test_conversion_makes_the_spool_directory_durable_before_retiring_segments(
     assert "unlink segment" in events
     assert "fsync spool" in events[:events.index("unlink segment")]
     assert later.queue_ids() == [envelope.id]
+
+
+def test_conversion_without_a_journal_opens_nothing(tmp_path: Path) -> None:
+    """No journal directory: nothing to convert, and the spool directory (not even
+    made yet) is not opened for it."""
+    spool = Spool(tmp_path / "not-yet", sync_run)
+    assert spool.convert_journal() == 0
+    assert spool._directory_fd is None

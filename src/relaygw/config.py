@@ -9,6 +9,7 @@ are kept relative: they resolve against the directory twistd runs in
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 import tomllib
@@ -158,6 +159,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as \"30s\" or an integer of seconds")
     if isinstance(value, int | float):
+        if not math.isfinite(value):  # TOML's nan and inf: no time at all, or never
+            raise ValueError(f"a duration must be a finite number of seconds, not {value}")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)

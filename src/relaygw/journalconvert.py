@@ -31,15 +31,15 @@ from relaygw.queuefile import is_queue_id, new_queue_id, trailer_footer
 log = Logger(namespace="relaygw.spool.Spool")
 
 
-def convert_journal(spool_directory: Path, directory_fd: int,
+def convert_journal(spool_directory: Path, directory_descriptor: Callable[[], int],
                     fsync_spool_directory: Callable[[], None],
                     write_all: Callable[[int, bytes], None]) -> int:
     """Give every message left in ``spool_directory``'s journal a queue file, then
     retire every segment (blocking; at start-up, before ``scan``): after a crash
     or a stop, the queue is files alone again. Returns how many it converted.
-    ``directory_fd`` is the spool directory open, ``fsync_spool_directory``
-    and ``write_all`` the spool's own (a shared directory fsync, and a write
-    through its injectable ``os``).
+    ``directory_descriptor``, ``fsync_spool_directory`` and ``write_all`` are
+    the spool's own (its directory kept open, asked for only when needed; a
+    shared directory fsync; a write through its injectable ``os``).
 
     The files are written as ``tmp-ID``, made durable together (one
     ``syncfs`` where it reports write-back errors; else an fsync each), and
@@ -77,7 +77,7 @@ def convert_journal(spool_directory: Path, directory_fd: int,
             os.close(fd)
         written.append(queue_id)
     if written:
-        if not sync_file_system(directory_fd):
+        if not sync_file_system(directory_descriptor()):
             for queue_id in written:
                 fd = os.open(f"{spool}/tmp-{queue_id}", os.O_RDONLY)
                 try:
@@ -94,8 +94,8 @@ def convert_journal(spool_directory: Path, directory_fd: int,
         path = directory / segment_name(number)
         if number in damaged:
             log.error("spool: journal segment {name} is damaged ({problem}); what"
-                           " came before the damage was queued, the segment is kept in"
-                           " corrupt/", name=path.name, problem=damaged[number])
+                      " came before the damage was queued, the segment is kept in"
+                      " corrupt/", name=path.name, problem=damaged[number])
             corrupt = spool_directory / "corrupt"
             corrupt.mkdir(mode=0o700, exist_ok=True)
             os.replace(path, corrupt / f"journal-{new_queue_id()}-{path.name}")
@@ -106,7 +106,7 @@ def convert_journal(spool_directory: Path, directory_fd: int,
         fsync_directory(directory)  # oldest first, each for good: no subset comes back
     if written:
         log.info("spool: {count} messages moved from the journal to queue files",
-                      count=len(written))
+                 count=len(written))
     return len(written)
 
 

@@ -27,7 +27,7 @@ _random = random.Random()  # uniqueness, not secrecy: no syscall per id
 
 
 def new_queue_id() -> str:
-    """Unique, sortable by arrival, safe as a file name: 11 hex digits of
+    """Unique, sortable by arrival, safe as a file name: 13 hex digits of
     microseconds, then a counter and randomness against collisions across
     restarts and instances sharing nothing."""
     micros = time.time_ns() // 1000

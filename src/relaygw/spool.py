@@ -232,7 +232,7 @@ class Spool:
     def convert_journal(self) -> int:
         """Give every message left in the journal its queue file and retire the
         segments (blocking; at start-up): ``relaygw.journalconvert``."""
-        return convert_journal(self.directory, self._directory_descriptor(),
+        return convert_journal(self.directory, self._directory_descriptor,
                                self._fsync_directory, self._write_all)
 
     def _journal_left_on_disk(self) -> dict[str, Record]:
