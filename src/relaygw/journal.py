@@ -387,14 +387,16 @@ class Journal:
         else:
             batch = [self._queue.get()]
         deadline = self._clock() + self.done_delay
+        checked = 0  # entries already found not urgent: a long wait stays linear
         while True:
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if _urgent(batch):
+            if _urgent(batch[checked:]):
                 return batch
+            checked = len(batch)
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return batch
