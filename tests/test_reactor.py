@@ -67,6 +67,24 @@ def test_a_ready_descriptor_is_read(reactor: RelayReactor,
     assert reader.lost == []
 
 
+def test_events_skip_the_legacy_log_context(reactor: RelayReactor,
+                                           pair: tuple[socket.socket, socket.socket],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of RelayReactor: no log.callWithLogger per event (EPollReactor's
+    doPoll would call it here)."""
+    from twisted.python import log
+
+    wrapped: list[object] = []
+    monkeypatch.setattr(log, "callWithLogger",
+                        lambda logger, f, *a, **kw: wrapped.append(logger) or f(*a, **kw))
+    reader = Reader(reactor, pair[0])
+    reactor.addReader(reader)
+    pair[1].send(b"x")
+    reactor.doIteration(0)
+    assert reader.read == [b"x"]
+    assert wrapped == []
+
+
 def test_a_handler_that_raises_is_logged_and_disconnected(
         reactor: RelayReactor, pair: tuple[socket.socket, socket.socket]) -> None:
     reader = Reader(reactor, pair[0], fail=True)

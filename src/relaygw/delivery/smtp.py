@@ -79,7 +79,6 @@ Connector = Callable[[Hop], Deferred[SMTPClientProtocol]]
 IDLE_TIMEOUT = 2.0       # seconds a clean session waits for the next message to its hop
 MAX_IDLE_PER_HOP = 10    # parked sessions per cache key (the default per_destination)
 MAX_TRANSACTIONS = 100   # then QUIT: bounds what one long-lived session can go wrong with
-DESTINATION_CACHE = 4096  # recipient domains whose destination is remembered
 
 Reuse = Literal["demand", "always", "never"]
 # (address, port, hostname, TLS policy, CA file, username, password file): a session
@@ -256,7 +255,7 @@ class SMTPRelayDeliverer:
         self._timeouts = timeouts
         self._connect = connect or self._connect_tcp
         self._router = Router(config)
-        self._destinations: dict[str, str] = {}
+        self._smarthosts = _smarthost_keys(config)
         self._trust_roots: dict[Path | None, Any] = {}
         self.reuse = reuse
         self.cache = ConnectionCache(reactor, idle_timeout, max_idle_per_hop, timeouts.quit)
@@ -274,7 +273,7 @@ class SMTPRelayDeliverer:
         """
         self.config = config
         self._router = Router(config)
-        self._destinations.clear()
+        self._smarthosts = _smarthost_keys(config)
         if resolver is not None:
             self._resolver = resolver
 
@@ -316,31 +315,15 @@ class SMTPRelayDeliverer:
 
     def destination(self, recipient: Recipient) -> str:
         """The scheduler's key for grouping and per-destination limits: the domain, or
-        the smarthost and the settings its sessions are opened with. Asked several
-        times per delivery, and it depends only on the domain's route, so it is
-        remembered per domain until the next reload."""
-        domain = recipient.domain
-        try:
-            return self._destinations[domain]
-        except KeyError:
-            pass
-        if len(self._destinations) >= DESTINATION_CACHE:
-            self._destinations.clear()
-        found = self._destinations[domain] = self._destination(domain)
-        return found
-
-    def _destination(self, domain: str) -> str:
-        route = self._router.find_route(domain)
-        if route is not None and route.via is not None:
-            # Routes sharing a smarthost may differ in TLS policy, CA or credentials; the
-            # session is set up from one route, so only recipients that agree share it
-            # (else a tls = "none" route's recipient would take a "required" one in clear).
-            settings = [f"{name}={value}" for name, value in (
-                ("tls", route.tls), ("ca_file", route.ca_file), ("username", route.username),
-                ("password_file", route.password_file)) if value is not None]
-            hostport = format_hostport(*route.via)
-            return f"{hostport} ({', '.join(settings)})" if settings else hostport
-        return domain
+        the smarthost and the settings its sessions are opened with (the Router
+        remembers each domain's route; each smarthost's key is made once per
+        config, by ``_smarthost_keys``)."""
+        route = self._router.find_route(recipient.domain)
+        if route is not None:
+            key = self._smarthosts.get(id(route))
+            if key is not None:
+                return key
+        return recipient.domain
 
     def deliver(self, envelope: Envelope, message_path: Path,
                 recipients: Sequence[Recipient]) -> Deferred[list[DeliveryResult]]:
@@ -420,6 +403,25 @@ class SMTPRelayDeliverer:
         if ca_file not in self._trust_roots:
             self._trust_roots[ca_file] = load_trust_root(ca_file)
         return ssl.optionsForClientTLS(hop.hostname, trustRoot=self._trust_roots[ca_file])
+
+
+def _smarthost_keys(config: Config) -> dict[int, str]:
+    """The destination of each route with a ``via``, by the route's id (the routes
+    live as long as ``config``): the smarthost, and the settings its sessions are
+    opened with. Routes sharing a smarthost may differ in TLS policy, CA or
+    credentials; a session is set up from one route, so only recipients that
+    agree share it (else a tls = "none" route's recipient would take a
+    "required" one in clear)."""
+    keys = {}
+    for route in config.routes:
+        if route.via is None:
+            continue
+        settings = [f"{name}={value}" for name, value in (
+            ("tls", route.tls), ("ca_file", route.ca_file), ("username", route.username),
+            ("password_file", route.password_file)) if value is not None]
+        hostport = format_hostport(*route.via)
+        keys[id(route)] = f"{hostport} ({', '.join(settings)})" if settings else hostport
+    return keys
 
 
 def _all(recipients: Sequence[Recipient], result: DeliveryResult) -> list[DeliveryResult]:
