@@ -368,11 +368,17 @@ def test_stdout_observer_writes_what_twistds_own_observer_writes(
 
 
 class CountingOut(io.StringIO):
-    """stdout that counts its flushes (each one a write(2) on a real file)."""
+    """stdout that counts its writes and flushes (each a write(2) on a real file
+    when the stream writes through, as with PYTHONUNBUFFERED)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.writes = 0
         self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -382,41 +388,103 @@ class CountingOut(io.StringIO):
 class RunningClock(Clock):
     running = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, Callable[[], None]]] = []
 
-def test_lines_of_one_reactor_turn_share_one_flush(cold_stamp_cache: None) -> None:
-    """In the reactor's thread, lines are written at once and flushed by one
-    callLater(0), which runs before the reactor waits again."""
+    def addSystemEventTrigger(self, phase: str, event: str,
+                              callable: Callable[[], None]) -> None:
+        self.triggers.append((phase, event, callable))
+
+
+def test_lines_of_one_reactor_turn_share_one_write(cold_stamp_cache: None) -> None:
+    """In the reactor's thread, a turn's lines are held and written, joined, by one
+    callLater(0), which runs before the reactor waits again: one write(2) a turn
+    even where the stream writes through."""
     out = CountingOut()
     clock = RunningClock()
     observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
     events = [mail_event(f"line {n}") for n in range(3)]
     for event in events:
         observer(event)
-    assert out.getvalue() == "".join(formatEventAsClassicLogText(e) or "" for e in events)
-    assert out.flushes == 0
+    assert out.getvalue() == "" and out.writes == 0 and out.flushes == 0
     [call] = clock.getDelayedCalls()
     assert call.getTime() == clock.seconds()  # a delay of 0: the reactor's next turn
     clock.advance(0)
-    assert out.flushes == 1
+    assert out.getvalue() == "".join(formatEventAsClassicLogText(e) or "" for e in events)
+    assert (out.writes, out.flushes) == (1, 1)
     observer(mail_event("next turn"))
-    assert len(clock.getDelayedCalls()) == 1  # a new turn, a new flush
+    assert len(clock.getDelayedCalls()) == 1  # a new turn, a new write
     clock.advance(0)
-    assert out.flushes == 2
+    assert (out.writes, out.flushes) == (2, 2)
+    assert out.getvalue().endswith("next turn\n")
 
 
 @pytest.mark.parametrize(("running", "in_io_thread"), [(False, True), (True, False)])
 def test_away_from_a_running_reactors_thread_each_line_is_flushed(
         running: bool, in_io_thread: bool, cold_stamp_cache: None) -> None:
-    """Start-up, shutdown and other threads: a flush per line, as Twisted's observer,
-    so no line waits for a turn that may never come."""
+    """Start-up, shutdown and other threads: a write and a flush per line, as
+    Twisted's observer, so no line waits for a turn that may never come."""
     out = CountingOut()
     clock = RunningClock()
     clock.running = running  # type: ignore[misc]
     observer = TurnFlushedLog(out, clock, in_io_thread=lambda: in_io_thread)
     observer(mail_event("one"))
     observer(mail_event("two"))
-    assert out.flushes == 2
+    assert (out.writes, out.flushes) == (2, 2)
+    assert out.getvalue().index("one") < out.getvalue().index("two")
+    assert out.getvalue().endswith("two\n")
     assert clock.getDelayedCalls() == []
+
+
+def test_another_threads_line_does_not_take_the_reactor_threads_turn(
+        cold_stamp_cache: None) -> None:
+    """A line from another thread is written at once; the reactor thread's held
+    lines stay its own (that thread alone touches them), written at its turn."""
+    out = CountingOut()
+    clock = RunningClock()
+    in_io_thread = True
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: in_io_thread)
+    observer(mail_event("reactor"))
+    in_io_thread = False
+    observer(mail_event("thread"))
+    assert "thread" in out.getvalue() and "reactor" not in out.getvalue()
+    clock.advance(0)
+    assert out.getvalue().index("thread") < out.getvalue().index("reactor")
+
+
+def test_the_last_turns_lines_are_written_at_shutdown(cold_stamp_cache: None) -> None:
+    """Lines held when the reactor stops before their turn comes are written by an
+    "after shutdown" trigger, hooked once."""
+    out = CountingOut()
+    clock = RunningClock()
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
+    observer(mail_event("first"))
+    clock.advance(0)
+    observer(mail_event("last turn"))
+    [(phase, event, trigger)] = clock.triggers
+    assert (phase, event) == ("after", "shutdown")
+    clock.running = False  # type: ignore[misc]  # stopped: the callLater(0) never runs
+    trigger()
+    assert out.getvalue().endswith("last turn\n") and out.writes == 2
+
+
+def test_a_log_that_cannot_be_written_does_not_fail_the_turn(cold_stamp_cache: None) -> None:
+    """A full disk under the log: the turn's lines are dropped, nothing raises into
+    the reactor (which would log the error, fail again, and so on each turn)."""
+
+    class FullDisk(CountingOut):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    out = FullDisk()
+    clock = RunningClock()
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
+    observer(mail_event("lost"))
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    observer(mail_event("next"))  # the next turn tries again
+    assert len(clock.getDelayedCalls()) == 1
 
 
 def test_an_event_without_text_writes_and_schedules_nothing() -> None:
@@ -428,17 +496,17 @@ def test_an_event_without_text_writes_and_schedules_nothing() -> None:
     assert out.getvalue() == "" and out.flushes == 0 and clock.getDelayedCalls() == []
 
 
-def test_a_line_after_the_reactor_stopped_flushes_a_turn_flush_that_never_came(
+def test_a_line_after_the_reactor_stopped_writes_a_turn_that_never_came(
         cold_stamp_cache: None) -> None:
-    """A line logged in the reactor's last turn waits for a flush that will not run
+    """A line logged in the reactor's last turn waits for a write that will not run
     once the reactor has stopped: the next line (twistd's "Main loop terminated.")
-    flushes it with its own, or a SIGINT exit would lose them both."""
+    writes it before its own, in one write."""
     out = CountingOut()
     clock = RunningClock()
     observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
     observer(mail_event("last turn"))
-    assert out.flushes == 0 and len(clock.getDelayedCalls()) == 1
+    assert out.writes == 0 and len(clock.getDelayedCalls()) == 1
     clock.running = False  # type: ignore[misc]  # stopped before the callLater(0) ran
     observer(mail_event("Main loop terminated."))
-    assert out.flushes == 1
-    assert "last turn" in out.getvalue() and "Main loop terminated." in out.getvalue()
+    assert (out.writes, out.flushes) == (1, 1)
+    assert out.getvalue().index("last turn") < out.getvalue().index("Main loop terminated.")

@@ -145,41 +145,65 @@ def classic_text(event: Mapping[str, Any]) -> str | None:
 
 @implementer(ILogObserver)
 class TurnFlushedLog:
-    """``FileLogObserver(out, classic_text)``, with one flush per reactor turn
+    """``FileLogObserver(out, classic_text)``, with one write per reactor turn
     instead of one per line.
 
-    A flush is a write(2); a relayed message makes three lines or more, and
-    their system calls were 8 % of the reactor thread end to end. Lines
-    logged in a turn of the reactor are flushed by a ``callLater(0)``, which
-    runs before the reactor next waits for I/O: a line is out within
+    A write is a write(2) on a file (``PYTHONUNBUFFERED``, usual under systemd
+    and in containers, makes the stream write through, so buffering in the
+    stream is not enough); a relayed message makes three lines or more, and
+    their system calls were 8 % of the reactor thread end to end. Lines logged
+    in a turn of the reactor are joined and written by a ``callLater(0)``,
+    which runs before the reactor next waits for I/O: a line is out within
     microseconds, and a kill -9 can lose only the current turn's lines. Away
     from a running reactor's thread (start-up, shutdown, other threads) each
-    line is flushed at once, as Twisted's observer does."""
+    line is written and flushed at once, as Twisted's observer does; in the
+    reactor's thread, after what that thread still holds, so lines keep their
+    order."""
 
     def __init__(self, out: TextIO, reactor: Any,
                  in_io_thread: Callable[[], bool] = threadable.isInIOThread) -> None:
         self._out = out
         self._reactor = reactor
         self._in_io_thread = in_io_thread
-        self._flush_pending = False
+        self._turn: list[str] = []  # this turn's lines (the reactor thread's alone)
+        self._shutdown_hooked = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         text = classic_text(event)
         if not text:
             return
-        self._out.write(text)
-        if not (self._reactor.running and self._in_io_thread()):
-            # Whatever is pending too: a turn's flush may never come once the
-            # reactor has stopped (twistd then exits, on SIGINT by the signal).
-            self._out.flush()
+        in_io_thread = self._in_io_thread()
+        if not (self._reactor.running and in_io_thread):
+            if in_io_thread:
+                # The reactor has stopped: a turn's write may never come now.
+                self._turn.append(text)
+                self.write_turn()
+            else:
+                self._out.write(text)
+                self._out.flush()
             return
-        if not self._flush_pending:
-            self._flush_pending = True
-            self._reactor.callLater(0, self._flush)
+        self._turn.append(text)
+        if len(self._turn) == 1:
+            self._reactor.callLater(0, self.write_turn)
+            if not self._shutdown_hooked:
+                self._shutdown_hooked = True
+                add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+                if add_trigger is not None:  # the last turn's lines, if stop came first
+                    add_trigger("after", "shutdown", self.write_turn)
 
-    def _flush(self) -> None:
-        self._flush_pending = False
-        self._out.flush()
+    def write_turn(self) -> None:
+        """Write and flush the lines held (the reactor thread)."""
+        if not self._turn:
+            return
+        text = "".join(self._turn)
+        self._turn = []
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):
+            # A log that cannot be written (a full disk, a closed stream) has nowhere
+            # to say so: logging the error would only fail again at every turn.
+            pass
 
 
 def stdout_observer(twistd_options: Mapping[str, Any] | None, out: TextIO | None = None,
