@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -375,12 +375,117 @@ def test_a_reply_moves_the_timer_on_to_the_next_waiters_deadline() -> None:
     assert_times_out(clock, mail, 200, "MAIL")
 
 
-def test_no_timer_is_left_once_every_reply_is_in() -> None:
+def test_the_timer_outlives_the_replies_and_then_fires_harmlessly() -> None:
+    """Once every reply is in, the timer is left to fire (not cancelled and set again
+    each transaction): it fails nothing, aborts nothing, and is not set again."""
     clock = Clock()
-    proto, _ = connected(clock)
+    proto, transport = connected(clock)
     waiters = [proto.expect(300, "MAIL"), proto.expect(300, "RCPT"), proto.expect(120, "DATA")]
     proto.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
     assert [result_of(d).code for d in waiters] == [250, 250, 354]
+    [timer] = clock.getDelayedCalls()
+    assert timer.getTime() == 120
+    clock.advance(120)
+    assert clock.getDelayedCalls() == [] and not transport.disconnecting
+
+
+def test_a_later_transaction_uses_the_timer_already_set() -> None:
+    """A deadline after the timer's needs no new timer: when the old one fires early
+    it is set again for the earliest deadline still waited for."""
+    clock = Clock()
+    proto, transport = connected(clock)
+    proto.expect(20, "RSET")
+    proto.dataReceived(b"250 Ok\r\n")
+    [first] = clock.getDelayedCalls()
+    clock.advance(5)
+    mail = proto.expect(300, "MAIL")
+    assert clock.getDelayedCalls() == [first]
+    clock.advance(15)  # the old timer fires: MAIL's deadline is 285 s away
+    assert not mail.called and not transport.disconnecting
+    [again] = clock.getDelayedCalls()
+    assert again.getTime() == 305
+    assert_times_out(clock, mail, 285, "MAIL")
+
+
+def test_a_sooner_deadline_replaces_the_timer() -> None:
+    clock = Clock()
+    proto, _ = connected(clock)
+    proto.expect(600, "the end of data")
+    data = proto.expect(120, "DATA")
+    [timer] = clock.getDelayedCalls()
+    assert timer.getTime() == 120
+    assert_times_out(clock, data, 120, "DATA")
+
+
+def test_replies_to_a_pipelined_group_come_in_one_list() -> None:
+    """One wake-up for the group: the list fires when the last reply is in."""
+    proto, _ = connected()
+    d = proto.expect_replies([(300, "MAIL"), (300, "RCPT"), (120, "DATA")])
+    proto.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    assert not d.called
+    proto.dataReceived(b"354 go ahead\r\n")
+    assert [r.code for r in result_of(d)] == [250, 250, 354]
+
+
+def test_a_group_takes_replies_already_in_and_waits_for_the_rest() -> None:
+    proto, _ = connected()
+    proto.dataReceived(b"250 2.1.0 Ok\r\n")
+    d = proto.expect_replies([(300, "MAIL"), (300, "RCPT")])
+    assert not d.called
+    proto.dataReceived(b"550 5.1.1 no\r\n")
+    assert [r.code for r in result_of(d)] == [250, 550]
+    proto.dataReceived(b"250 Ok\r\n")
+    assert result_of(proto.expect_replies([(300, "MAIL")]))[0].code == 250
+
+
+def test_a_group_keeps_each_deadline_and_its_place() -> None:
+    """DATA's 120 s run out before MAIL's and RCPT's 300 s: DATA's slot holds the
+    timeout, the abort's connectionLost fills the others, each in its place."""
+    clock = Clock()
+    proto, transport = connected(clock)
+    d = proto.expect_replies([(300, "MAIL"), (300, "RCPT"), (120, "DATA")])
+    clock.advance(120)
+    assert transport.disconnecting and not d.called
+    proto.connectionLost(Failure(ConnectionLost("aborted")))
+    mail, rcpt, data = result_of(d)
+    assert isinstance(mail, SMTPConnectionLost) and "MAIL" in str(mail)
+    assert isinstance(rcpt, SMTPConnectionLost) and "RCPT" in str(rcpt)
+    assert isinstance(data, SMTPTimeout) and "120s waiting for the reply to DATA" in str(data)
+
+
+def test_a_group_after_the_connection_is_gone_fires_at_once() -> None:
+    proto, _ = connected()
+    proto.connectionLost(Failure(ConnectionLost("gone")))
+    [outcome] = result_of(proto.expect_replies([(300, "MAIL")]))
+    assert isinstance(outcome, SMTPConnectionLost)
+
+
+def test_a_malformed_reply_in_a_group_is_a_protocol_error_in_its_slot() -> None:
+    proto, transport = connected()
+    d = proto.expect_replies([(300, "MAIL"), (300, "RCPT")])
+    proto.dataReceived(b"250 Ok\r\nwhat?\r\n")
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionLost("aborted")))
+    mail, rcpt = result_of(d)
+    assert mail == Reply(250, ("Ok",)) and isinstance(rcpt, SMTPProtocolError)
+
+
+def test_cancelling_a_group_fires_it_with_cancelled_slots_and_ends_the_session() -> None:
+    """As cancelling a DeferredList of the replies would: those already in stay,
+    the rest are CancelledError; the session is aborted (later replies could not
+    be matched), and another waiter hears of the loss, not of the cut group."""
+    clock = Clock()
+    proto, transport = connected(clock)
+    d = proto.expect_replies([(300, "MAIL"), (300, "RCPT")])
+    quit_wait = proto.expect(30, "QUIT")
+    proto.dataReceived(b"250 Ok\r\n")
+    d.cancel()
+    mail, rcpt = result_of(d)
+    assert mail.code == 250 and isinstance(rcpt, CancelledError)
+    assert transport.disconnecting
+    assert [w.what for w in proto._waiters] == ["QUIT"]
+    proto.connectionLost(Failure(ConnectionLost("aborted")))
+    assert failure_of(quit_wait).check(SMTPConnectionLost)
     assert clock.getDelayedCalls() == []
 
 

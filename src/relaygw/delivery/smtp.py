@@ -45,11 +45,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw.config import Config, RouteConfig, TLSPolicy
@@ -635,34 +636,32 @@ class _Session:
             rset = self.rset_pending
             self.rset_pending = False
             self.proto.send(*([b"RSET"] if rset else []), mail, *rcpts, b"DATA")
-            rset_wait = self.proto.expect(self.t.rset, "RSET") if rset else None
-            waits = ([self.proto.expect(self.t.mail, "MAIL")]
-                     + [self.proto.expect(self.t.rcpt, "RCPT") for _ in rcpts]
-                     + [self.proto.expect(self.t.data_init, "DATA")])
-            if rset_wait is not None:
-                await self._check_rset(rset_wait, waits)
-            replies = await _pipelined_replies(waits)
+            failed_rset: list[Reply | Exception] = []
+            if rset:
+                self.proto.expect(self.t.rset, "RSET").addBoth(self._check_rset, failed_rset)
+            replies = await self.proto.expect_replies(
+                [(self.t.mail, "MAIL"), *[(self.t.rcpt, "RCPT")] * len(rcpts),
+                 (self.t.data_init, "DATA")])
+            if failed_rset:
+                self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
+                                         remote=self.hop.label, error=failed_rset[0])
+                raise _StaleSession()
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
 
-    async def _check_rset(self, rset_wait: Deferred[Reply],
-                          waits: list[Deferred[Reply]]) -> None:
-        """Raise _StaleSession, the session aborted, unless the RSET sent ahead of
-        this transaction was answered 250. Nothing of the message has gone yet:
-        whatever the server made of MAIL, RCPT or DATA ends with the connection."""
-        try:
-            reply: Reply | Exception = await rset_wait
-        except SESSION_ERRORS as e:
-            reply = e
-        if isinstance(reply, Reply) and reply.code == 250:
+    def _check_rset(self, result: Reply | Failure, failed: list[Reply | Exception]) -> None:
+        """Unless the RSET sent ahead of this transaction was answered 250: note it
+        in ``failed`` (the transaction then raises _StaleSession) and abort the
+        session. Nothing of the message has gone yet: whatever the server made
+        of MAIL, RCPT or DATA ends with the connection. A callback, not a wait:
+        the RSET's reply comes before the others, and the transaction wakes once
+        for them all."""
+        if isinstance(result, Reply) and result.code == 250:
             return
+        failed.append(result if isinstance(result, Reply) else result.value)
         self.clean = False
         self.proto.abort()
-        await DeferredList(waits, consumeErrors=True)
-        self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
-                                 remote=self.hop.label, error=reply)
-        raise _StaleSession()
 
     def _mail_command(self, extensions: dict[str, str]) -> bytes:
         mail = b"MAIL FROM:<" + self.envelope.sender.encode("utf-8") + b">"
@@ -746,23 +745,6 @@ class _Session:
                 return DeliveryResult.failed(str(reply), remote)
             return DeliveryResult.deferred(str(reply), remote)
         return DeliveryResult.deferred(f"451 4.4.2 {remote}: {reply}", remote)
-
-
-async def _pipelined_replies(waits: list[Deferred[Reply]]) -> list[Reply | Exception]:
-    """Each reply, or what stood in for it (a timeout, a lost connection), awaited in
-    order (they come in order), every error consumed: ``DeferredList(waits,
-    consumeErrors=True)`` without its cost. As with a DeferredList, cancelling
-    (shutdown cutting the attempt) cancels them all, not just the one awaited."""
-    replies: list[Reply | Exception] = []
-    for index, wait in enumerate(waits):
-        try:
-            replies.append(await wait)
-        except Exception as e:
-            replies.append(e)
-            if isinstance(e, CancelledError):
-                for rest in waits[index + 1:]:
-                    rest.cancel()
-    return replies
 
 
 def _last_error(replies: list[Reply | Exception]) -> Exception:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -230,14 +230,32 @@ class MessageProducer:
             self.done.errback(reason)
 
 
+Outcome = Reply | Exception  # a reply, or what stood in for it (a timeout, a lost connection)
+
+
+class _Batch:
+    """The replies to a group of pipelined commands, handed back in one list."""
+
+    __slots__ = ("deferred", "left", "outcomes")
+
+    def __init__(self, deferred: Deferred[list[Outcome]], count: int) -> None:
+        self.deferred = deferred
+        self.outcomes: list[Outcome | None] = [None] * count
+        self.left = count
+
+
 @dataclass(slots=True)
 class _Waiter:
-    """A caller waiting for the next reply, until ``deadline`` (``timeout`` after asking)."""
+    """A caller waiting for the next reply, until ``deadline`` (``timeout`` after asking):
+    through ``deferred`` (``expect``), or as slot ``index`` of ``batch``
+    (``expect_replies``)."""
 
-    deferred: Deferred[Reply]
+    deferred: Deferred[Reply] | None
     deadline: float
     timeout: float
     what: str
+    batch: _Batch | None = None
+    index: int = 0
 
 
 class SMTPClientProtocol(Protocol):
@@ -248,10 +266,14 @@ class SMTPClientProtocol(Protocol):
     (``pending_input``): plain text after a STARTTLS 220 is an injection attempt.
 
     Each waiter has its own deadline, but one timer serves them all: it is set
-    for the earliest deadline when a waiter is added, cancelled when none is
-    left, and when it fires it fails whichever waiters are past theirs (else it
-    is set again for the earliest). A pipelined transaction waits for four
-    replies or more; a timer for each cost more than the rest of the waiting.
+    when a waiter is added with a deadline before the timer's (or there is no
+    timer), and when it fires it fails whichever waiters are past theirs, and
+    is set again for the earliest left, if any. It is not cancelled when the
+    last reply comes: the next transaction's deadlines are later, so it serves
+    them too, and firing early costs one check. A pipelined transaction waits
+    for four replies or more; a timer for each, or one set and cancelled per
+    reply, cost more than the rest of the waiting. The timer goes with the
+    connection.
     """
 
     MAX_LENGTH = 8192
@@ -286,8 +308,8 @@ class SMTPClientProtocol(Protocol):
         waiters, self._waiters = self._waiters, deque()
         why = reason.getErrorMessage()
         for waiter in waiters:
-            waiter.deferred.errback(Failure(SMTPConnectionLost(
-                f"connection lost waiting for the reply to {waiter.what}: {why}", why)))
+            self._settle(waiter, SMTPConnectionLost(
+                f"connection lost waiting for the reply to {waiter.what}: {why}", why))
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None
@@ -319,22 +341,79 @@ class SMTPClientProtocol(Protocol):
         if self._lost is not None:
             return fail(SMTPConnectionLost(f"connection lost before the reply to {what}"))
         waiter: Deferred[Reply] = Deferred(canceller=self._waiter_cancelled)
-        deadline = self._clock.seconds() + timeout
-        self._waiters.append(_Waiter(waiter, deadline, timeout, what))
+        now = self._clock.seconds()
+        self._waiters.append(_Waiter(waiter, now + timeout, timeout, what))
+        self._watch(now, now + timeout)
+        return waiter
+
+    def expect_replies(self, waits: Sequence[tuple[float, str]]) -> Deferred[list[Outcome]]:
+        """The next ``len(waits)`` replies, each with its (timeout, what), in one list
+        once all are in: a reply, or the error that stood in for it (a timeout, a
+        lost connection). One wake-up for a pipelined group instead of one per
+        reply. Cancelled, it fires with CancelledError for those still awaited,
+        and the session ends (as for ``expect``)."""
+        d: Deferred[list[Outcome]] = Deferred(canceller=self._batch_cancelled)
+        batch = _Batch(d, len(waits))
+        now = self._clock.seconds()
+        earliest: float | None = None
+        for index, (timeout, what) in enumerate(waits):
+            if self._replies:
+                batch.outcomes[index] = self._replies.popleft()
+                batch.left -= 1
+            elif self._lost is not None:
+                batch.outcomes[index] = SMTPConnectionLost(
+                    f"connection lost before the reply to {what}")
+                batch.left -= 1
+            else:
+                deadline = now + timeout
+                self._waiters.append(_Waiter(None, deadline, timeout, what, batch, index))
+                earliest = deadline if earliest is None else min(earliest, deadline)
+        if earliest is not None:
+            self._watch(now, earliest)
+        if not batch.left:
+            d.callback(batch.outcomes)  # type: ignore[arg-type]  # every slot is filled
+        return d
+
+    def _watch(self, now: float, deadline: float) -> None:
+        """See that the reply timer fires by ``deadline``."""
         timer = self._reply_timer
         if timer is None or deadline < timer.getTime():
             # Not timer.reset(): moving a timed call sooner scans the reactor's heap.
             self._cancel_reply_timer()
-            self._reply_timer = self._clock.callLater(timeout, self._timed_out)
-        return waiter
+            self._reply_timer = self._clock.callLater(deadline - now, self._timed_out)
+
+    @staticmethod
+    def _settle(waiter: _Waiter, outcome: Outcome) -> None:
+        """Hand a waiter its reply, or the error that stands in for it."""
+        batch = waiter.batch
+        if batch is None:
+            assert waiter.deferred is not None
+            if isinstance(outcome, Reply):
+                waiter.deferred.callback(outcome)
+            else:
+                waiter.deferred.errback(Failure(outcome))
+            return
+        batch.outcomes[waiter.index] = outcome
+        batch.left -= 1
+        if not batch.left and not batch.deferred.called:
+            batch.deferred.callback(batch.outcomes)  # type: ignore[arg-type]
 
     def _waiter_cancelled(self, waiter: Deferred[Reply]) -> None:
         """A caller gave up on its reply (shutdown cutting an attempt short): the
         replies still to come could no longer be matched to their waiters, so the
         session ends; the others hear that the connection was lost."""
         self._waiters = deque(w for w in self._waiters if w.deferred is not waiter)
-        if not self._waiters:
-            self._cancel_reply_timer()
+        self.abort()
+
+    def _batch_cancelled(self, d: Deferred[list[Outcome]]) -> None:
+        """``_waiter_cancelled`` for a group: its replies still awaited become
+        CancelledError, and the list fires (what cancelling a DeferredList of
+        them gives), so the caller goes on to settle its recipients."""
+        cut = [w for w in self._waiters if w.batch is not None and w.batch.deferred is d]
+        self._waiters = deque(w for w in self._waiters
+                              if w.batch is None or w.batch.deferred is not d)
+        for waiter in cut:
+            self._settle(waiter, CancelledError())
         self.abort()
 
     def command(self, line: bytes, timeout: float, what: str | None = None) -> Deferred[Reply]:
@@ -353,7 +432,7 @@ class SMTPClientProtocol(Protocol):
         if not expired:
             return
         for waiter in expired:
-            waiter.deferred.errback(SMTPTimeout(
+            self._settle(waiter, SMTPTimeout(
                 f"timeout after {waiter.timeout:g}s waiting for the reply to {waiter.what}"))
         self.abort()
 
@@ -391,21 +470,14 @@ class SMTPClientProtocol(Protocol):
             self._deliver(reply)
 
     def _deliver(self, reply: Reply) -> None:
-        waiters = self._waiters
-        if waiters:
-            waiter = waiters.popleft()
-            if not waiters:
-                self._cancel_reply_timer()
-            waiter.deferred.callback(reply)
+        if self._waiters:
+            self._settle(self._waiters.popleft(), reply)
         else:
             self._replies.append(reply)
 
     def _protocol_error(self, problem: str) -> None:
         if self._waiters:
-            waiter = self._waiters.popleft()
-            if not self._waiters:
-                self._cancel_reply_timer()
-            waiter.deferred.errback(SMTPProtocolError(problem))
+            self._settle(self._waiters.popleft(), SMTPProtocolError(problem))
         self.abort()
 
     # --- TLS and DATA --------------------------------------------------------------------
