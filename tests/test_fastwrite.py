@@ -3,6 +3,9 @@ write() wherever the shortcut does not apply."""
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -93,6 +96,25 @@ class Closing(Protocol):
         self.lost.callback((reason, self.inside_call))
 
 
+class CountingSocket:
+    """A socket that records its shutdown() and close() calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.calls: list[str] = []
+
+    def shutdown(self, how: int) -> None:
+        self.calls.append("shutdown")
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class LoseConnectionTests(TestCase):
     async def connected_pair(self) -> tuple[Closing, Collect]:
         server = Collect()
@@ -105,6 +127,7 @@ class LoseConnectionTests(TestCase):
 
     async def test_closes_on_the_next_turn_without_watching_for_writability(self) -> None:
         client, server = await self.connected_pair()
+        counting = client.transport.socket = CountingSocket(client.transport.socket)
         client.inside_call = True
         write_now(client.transport, b"221 2.0.0 Bye\r\n")
         lose_connection(client.transport)
@@ -118,6 +141,7 @@ class LoseConnectionTests(TestCase):
         [peer_reason] = await server.lost  # type: ignore[attr-defined]
         self.assertTrue(peer_reason.check(ConnectionDone))  # a FIN, not a reset
         self.assertEqual(server.data, b"221 2.0.0 Bye\r\n")
+        self.assertEqual(counting.calls, ["close"])  # no shutdown() first
 
     async def test_buffered_data_goes_out_before_the_close(self) -> None:
         client, server = await self.connected_pair()

@@ -469,6 +469,55 @@ def test_the_last_turns_lines_are_written_at_shutdown(cold_stamp_cache: None) ->
     assert out.getvalue().endswith("last turn\n") and out.writes == 2
 
 
+def test_a_line_logged_from_inside_the_observer_still_gets_its_turn(
+        cold_stamp_cache: None) -> None:
+    """A signal handler that logs runs between any two bytecodes of the reactor's
+    thread: here, right after the observer took a line in. Both lines are
+    written, by one turn's write (the old test of the list's length asked for
+    none, and every later line was held until shutdown)."""
+    out = CountingOut()
+    clock = RunningClock()
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
+
+    class SignalAfterAppend(list[str]):
+        fired = False
+
+        def append(self, text: str) -> None:
+            super().append(text)
+            if not self.fired:
+                self.fired = True
+                observer(mail_event("from the handler"))
+
+    observer._turn = SignalAfterAppend()
+    observer(mail_event("interrupted"))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert "interrupted" in out.getvalue() and "from the handler" in out.getvalue()
+    assert out.writes == 1
+    observer(mail_event("later"))
+    clock.advance(0)
+    assert out.getvalue().endswith("later\n")
+
+
+def test_a_line_logged_while_the_turn_is_written_waits_for_the_next(
+        cold_stamp_cache: None) -> None:
+    out = CountingOut()
+    clock = RunningClock()
+    observer = TurnFlushedLog(out, clock, in_io_thread=lambda: True)
+    real_write = out.write
+
+    def write(text: str) -> int:
+        if "first" in text:
+            observer(mail_event("during the write"))
+        return real_write(text)
+
+    out.write = write  # type: ignore[method-assign]
+    observer(mail_event("first"))
+    clock.advance(0)  # a Clock also runs the turn's write asked for meanwhile
+    assert out.getvalue().index("first") < out.getvalue().index("during the write")
+    assert out.writes == 2 and clock.getDelayedCalls() == []
+
+
 def test_a_log_that_cannot_be_written_does_not_fail_the_turn(cold_stamp_cache: None) -> None:
     """A full disk under the log: the turn's lines are dropped, nothing raises into
     the reactor (which would log the error, fail again, and so on each turn)."""

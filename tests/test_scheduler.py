@@ -88,6 +88,33 @@ def test_delivered_message_leaves_the_spool(h: Harness) -> None:
     assert h.clock.getDelayedCalls() == []  # an empty queue arms no timer
 
 
+def test_messages_committed_in_one_turn_share_one_due_run(h: Harness) -> None:
+    """The timer set for the first is kept for the next (not cancelled and set
+    again per message); its one run starts both attempts."""
+    first = h.queue("a@dst.test")
+    [timer] = h.clock.getDelayedCalls()
+    second = h.queue("b@dst.test")
+    assert h.clock.getDelayedCalls() == [timer] and not timer.cancelled
+    h.advance()
+    assert [c.queue_id for c in h.relay.calls] == [first.id, second.id]
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_sooner_due_time_replaces_the_timer(h: Harness) -> None:
+    h.relay.script["a@dst.test"] = [DEFER]
+    h.queue("a@dst.test")
+    h.advance()
+    [retry] = h.clock.getDelayedCalls()
+    assert retry.getTime() == SCHEDULE[0]
+    h.queue("b@dst.test")  # due now: the retry's timer is too late for it
+    [now] = h.clock.getDelayedCalls()
+    assert retry.cancelled and now.getTime() == h.clock.seconds()
+    h.advance()
+    assert [c.addresses for c in h.relay.calls] == [["a@dst.test"], ["b@dst.test"]]
+    [again] = h.clock.getDelayedCalls()
+    assert again.getTime() == SCHEDULE[0]
+
+
 def test_transient_failure_retries_at_the_schedule_times(h: Harness) -> None:
     h.relay.script["a@dst.test"] = [DEFER]
     envelope = h.queue("a@dst.test")

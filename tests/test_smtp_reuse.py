@@ -256,6 +256,26 @@ def test_an_unanswered_rset_times_out_and_falls_back(tmp_path: Path) -> None:
     assert world.servers[0].closed.called
 
 
+def test_cancelling_with_an_rset_unanswered_defers_and_ends_the_session(
+        tmp_path: Path) -> None:
+    """Shutdown cuts an attempt on a reused session before any reply: the
+    recipient is deferred with a reason that says so, the session is aborted
+    (no reply could be matched to its command now), nothing is left waiting."""
+    world = World(ReuseScript(rset=None), ReuseScript())
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    world.servers[0].reply = lambda *args: None  # type: ignore[method-assign] # silent
+    d = world.deliver(envelope("b@example.test"), path)
+    assert not d.called
+    d.cancel()
+    assert result_of(d) == [DeliveryResult.deferred(
+        f"451 4.4.2 {MX1}: attempt cut short at shutdown", MX1)]
+    world.run()
+    assert world.servers[0].closed.called
+    assert world.connections == 1  # no fresh session opened for a cut attempt
+    assert len(world.servers[0].messages) == 1
+
+
 def test_a_session_that_spoke_while_idle_is_not_reused(tmp_path: Path) -> None:
     world = World()
     path = message(tmp_path)

@@ -57,7 +57,8 @@ def lose_connection(transport: Any) -> None:
     """``transport.loseConnection()``, without its trip through writability when
     nothing is buffered: reading stops now, and the socket is closed (orderly, a
     FIN after what was sent) on the reactor's next turn, outside the protocol's
-    own call. Saves two ``epoll_ctl`` and a loop turn per closed session."""
+    own call. Saves two ``epoll_ctl``, a ``shutdown`` and a loop turn per closed
+    session."""
     if not _shortcut_allowed(transport) or transport.producer is not None:
         transport.loseConnection()
         return
@@ -72,4 +73,9 @@ def _close_if_flushed(transport: Any) -> None:
     if transport.dataBuffer or transport._tempDataBuffer:
         transport.startWriting()  # written meanwhile: Twisted's way, close once flushed
         return
+    # close() alone sends the FIN (the descriptor is ours alone, close-on-exec), as
+    # Twisted's own comment on its shutdown() before close() says; that shutdown
+    # is a system call more, and an OSError raised and caught when the client
+    # has hung up first (each session of a load generator that closes at once).
+    transport._shouldShutdown = False
     transport.connectionLost(Failure(main.CONNECTION_DONE))

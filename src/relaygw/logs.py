@@ -158,7 +158,14 @@ class TurnFlushedLog:
     from a running reactor's thread (start-up, shutdown, other threads) each
     line is written and flushed at once, as Twisted's observer does; in the
     reactor's thread, after what that thread still holds, so lines keep their
-    order."""
+    order. Another thread's line (a disk thread's rare warning) may come out
+    ahead of lines the reactor thread logged microseconds before it, in the
+    same turn: those are its own, and only it writes them.
+
+    Safe against re-entry from a signal handler that logs (Python runs those in
+    the reactor's thread, between any two bytecodes): the turn's write is
+    asked for by a flag, not by the list's length, and the lines are taken by
+    swapping the list before they are joined."""
 
     def __init__(self, out: TextIO, reactor: Any,
                  in_io_thread: Callable[[], bool] = threadable.isInIOThread) -> None:
@@ -166,6 +173,7 @@ class TurnFlushedLog:
         self._reactor = reactor
         self._in_io_thread = in_io_thread
         self._turn: list[str] = []  # this turn's lines (the reactor thread's alone)
+        self._write_asked = False  # a callLater(0) will write the turn
         self._shutdown_hooked = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -183,7 +191,8 @@ class TurnFlushedLog:
                 self._out.flush()
             return
         self._turn.append(text)
-        if len(self._turn) == 1:
+        if not self._write_asked:
+            self._write_asked = True
             self._reactor.callLater(0, self.write_turn)
             if not self._shutdown_hooked:
                 self._shutdown_hooked = True
@@ -193,12 +202,12 @@ class TurnFlushedLog:
 
     def write_turn(self) -> None:
         """Write and flush the lines held (the reactor thread)."""
-        if not self._turn:
+        self._write_asked = False
+        turn, self._turn = self._turn, []
+        if not turn:
             return
-        text = "".join(self._turn)
-        self._turn = []
         try:
-            self._out.write(text)
+            self._out.write("".join(turn))
             self._out.flush()
         except (OSError, ValueError):
             # A log that cannot be written (a full disk, a closed stream) has nowhere

@@ -448,20 +448,27 @@ class Scheduler:
     # --- the timer ---------------------------------------------------------------
 
     def _arm(self) -> None:
+        """Set the timer for the next due run; one already set no later is kept
+        (its run arms again): messages committed in one turn share one run
+        instead of a cancel and a new timed call each."""
         if not self.running:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        when: float | None = None
+        now = 0.0
+        if len(self._active) < ATTEMPT_WINDOW:  # else the end of an attempt arms again
+            now = self.clock.seconds()
+            if self._drainable():
+                when = now
+            elif self._heap:
+                when = max(now, self._heap[0][0])
+        timer = self._timer
+        if timer is not None and timer.active():
+            if when is not None and timer.getTime() <= when:
+                return
+            timer.cancel()
         self._timer = None
-        if len(self._active) >= ATTEMPT_WINDOW:
-            return  # the end of an attempt arms the timer again
-        if self._drainable():
-            delay = 0.0
-        elif self._heap:
-            delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-        else:
-            return
-        self._timer = self.clock.callLater(delay, self._run_due)
+        if when is not None:
+            self._timer = self.clock.callLater(when - now, self._run_due)
 
     def _run_due(self) -> None:
         self._timer = None

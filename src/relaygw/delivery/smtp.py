@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -744,6 +744,9 @@ class _Session:
             if reply.permanent:
                 return DeliveryResult.failed(str(reply), remote)
             return DeliveryResult.deferred(str(reply), remote)
+        if isinstance(reply, CancelledError):  # str() of it is empty
+            return DeliveryResult.deferred(
+                f"451 4.4.2 {remote}: attempt cut short at shutdown", remote)
         return DeliveryResult.deferred(f"451 4.4.2 {remote}: {reply}", remote)
 
 
