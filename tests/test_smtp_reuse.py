@@ -513,10 +513,49 @@ def test_the_cache_hands_out_the_newest_session_and_drops_lost_ones() -> None:
     assert len(cache) == 2
     taken = cache.take(key)
     assert taken is not None and taken.proto is protos[1]
-    assert len(clock.getDelayedCalls()) == 1  # its timer went with it
+    assert len(clock.getDelayedCalls()) == 1  # the one sweep
     clock.advance(5)
     assert protos[0].transport.value() == b"QUIT\r\n"
     assert cache.take(key) is None
+
+
+def test_parking_and_taking_again_sets_no_timer_of_its_own() -> None:
+    """One sweep timer for the cache, however often a session is parked and taken
+    (once per message under load); it expires only what was idle long enough."""
+    clock = MemoryReactorClock()
+    cache = ConnectionCache(clock, idle_timeout=2, per_key=3)
+    key = ("127.0.0.2", 25, "mx", "none", None, None, None)
+    busy, quiet = SMTPClientProtocol(clock), SMTPClientProtocol(clock)
+    busy.makeConnection(StringTransport())
+    quiet.makeConnection(StringTransport())
+    assert cache.put(key, IdleSession(quiet, {}, 1))
+    [sweep] = clock.getDelayedCalls()
+    for _ in range(3):
+        clock.advance(0.5)
+        assert cache.put(key, IdleSession(busy, {}, 1))
+        taken = cache.take(key)
+        assert taken is not None and taken.proto is busy
+    assert cache.put(key, IdleSession(busy, {}, 1))  # parked at 1.5
+    assert clock.getDelayedCalls() == [sweep] and sweep.getTime() == 2
+    clock.advance(0.5)  # the sweep at 2.0: the quiet one goes, the busy one stays
+    assert quiet.transport.value() == b"QUIT\r\n" and busy.transport.value() == b""
+    again = [c for c in clock.getDelayedCalls() if c.func == cache._expire]
+    assert [c.getTime() for c in again] == [3.5]
+    clock.advance(1.5)
+    assert busy.transport.value() == b"QUIT\r\n" and len(cache) == 0
+    assert [c.func for c in clock.getDelayedCalls()] == [quiet._timed_out, busy._timed_out]
+
+
+def test_closing_the_cache_quits_everyone_and_stops_the_sweep() -> None:
+    clock = MemoryReactorClock()
+    cache = ConnectionCache(clock, idle_timeout=2, per_key=3)
+    key = ("127.0.0.2", 25, "mx", "none", None, None, None)
+    proto = SMTPClientProtocol(clock)
+    proto.makeConnection(StringTransport())
+    assert cache.put(key, IdleSession(proto, {}, 1))
+    cache.close()
+    assert proto.transport.value() == b"QUIT\r\n" and len(cache) == 0
+    assert [c.func for c in clock.getDelayedCalls()] == [proto._timed_out]  # QUIT's own
 
 
 def test_tcp_nodelay_is_set_on_connect() -> None:

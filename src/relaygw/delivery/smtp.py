@@ -139,13 +139,16 @@ class IdleSession:
     proto: SMTPClientProtocol
     extensions: dict[str, str]  # what its EHLO offered (after STARTTLS, if any)
     transactions: int           # done on it so far
-    timer: IDelayedCall | None = None
+    parked_at: float = 0.0      # when the cache took it
 
 
 class ConnectionCache:
     """Idle outbound sessions per hop, QUIT after ``idle_timeout`` or at ``close()``.
 
-    A session the server drops while idle leaves the cache by itself.
+    A session the server drops while idle leaves the cache by itself. One
+    timer sweeps out the sessions idle too long, set for the oldest: under
+    load a session is parked and taken again for every message, and a timer
+    of its own cost a timed call and its cancel each time.
     """
 
     def __init__(self, clock: IReactorTime, idle_timeout: float = IDLE_TIMEOUT,
@@ -156,6 +159,7 @@ class ConnectionCache:
         self.quit_timeout = quit_timeout
         self.closed = False
         self._idle: dict[CacheKey, list[IdleSession]] = {}
+        self._sweep: IDelayedCall | None = None
 
     def __len__(self) -> int:
         return sum(len(sessions) for sessions in self._idle.values())
@@ -170,8 +174,10 @@ class ConnectionCache:
             if not sessions:
                 del self._idle[key]
             return False
+        idle.parked_at = self.clock.seconds()
         sessions.append(idle)
-        idle.timer = self.clock.callLater(self.idle_timeout, self._expire, key, idle)
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(self.idle_timeout, self._expire)
         idle.proto.closed.addCallback(self._lost, key, idle)
         return True
 
@@ -187,10 +193,10 @@ class ConnectionCache:
     def close(self) -> Deferred[None]:
         """QUIT every idle session and park no more; fires when they are closed."""
         self.closed = True
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         idle = [i for sessions in self._idle.values() for i in sessions]
-        for sessions in list(self._idle.values()):
-            for i in list(sessions):
-                self._remove_from(sessions, i)
         self._idle.clear()
         for i in idle:
             i.proto.quit(self.quit_timeout)
@@ -204,10 +210,20 @@ class ConnectionCache:
         self._remove(key, idle)
         return result
 
-    def _expire(self, key: CacheKey, idle: IdleSession) -> None:
-        idle.timer = None
-        if self._remove(key, idle):
-            idle.proto.quit(self.quit_timeout)
+    def _expire(self) -> None:
+        """QUIT the sessions idle for ``idle_timeout``; set the timer for the next."""
+        self._sweep = None
+        now = self.clock.seconds()
+        oldest: float | None = None
+        for key, sessions in list(self._idle.items()):
+            for idle in list(sessions):
+                if idle.parked_at + self.idle_timeout <= now + 0.001:  # a timer's rounding
+                    self._remove(key, idle)
+                    idle.proto.quit(self.quit_timeout)
+                elif oldest is None or idle.parked_at < oldest:
+                    oldest = idle.parked_at
+        if oldest is not None:
+            self._sweep = self.clock.callLater(oldest + self.idle_timeout - now, self._expire)
 
     def _remove(self, key: CacheKey, idle: IdleSession) -> bool:
         sessions = self._idle.get(key)
@@ -222,9 +238,6 @@ class ConnectionCache:
         if idle not in sessions:
             return False
         sessions.remove(idle)
-        if idle.timer is not None and idle.timer.active():
-            idle.timer.cancel()
-        idle.timer = None
         return True
 
 
