@@ -33,6 +33,7 @@ from relaygw.interfaces import IDeliverer
 from relaygw.journal import Journal
 from relaygw.logs import MailLog
 from relaygw.metrics import GatewayMetrics, metrics_site
+from relaygw.nodelay import NoDelayListening
 from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
@@ -406,8 +407,10 @@ def build_service(config: Config, reactor: Any,
     # After the gateway, which creates the spool directory the socket lives in.
     control_service(gateway.scheduler, config.queue.directory, reactor).setServiceParent(top)
     for listener in config.listeners:
-        endpoint = listener_endpoint(reactor, listener.endpoint)
-        factory: Any = SMTPFactory(gateway, listener.kind, listener.endpoint)
+        smtp_factory = SMTPFactory(gateway, listener.kind, listener.endpoint)
+        endpoint = NoDelayListening(listener_endpoint(reactor, listener.endpoint),
+                                    smtp_factory.nodelay)
+        factory: Any = smtp_factory
         if listener.kind == "submissions":
             assert gateway.server_tls is not None  # config.py demands [tls] for it
             factory = implicit_tls_factory(gateway.server_tls, factory, reactor)

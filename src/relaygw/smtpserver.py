@@ -41,6 +41,7 @@ from relaygw.datareader import DataError, DataReader
 from relaygw.envelope import Envelope, Recipient
 from relaygw.fastwrite import lose_connection, write_now
 from relaygw.logs import MailLog
+from relaygw.nodelay import NoDelaySessions
 from relaygw.routing import Refusal, Router
 from relaygw.spool import Incoming, Spool
 from relaygw.tlsserver import ServerTLS
@@ -150,8 +151,11 @@ class SMTPServerProtocol(Protocol):
         return self.gateway.config
 
     def connectionMade(self) -> None:
+        nodelay = getattr(getattr(self, "factory", None), "nodelay", None)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:  # replies are small and awaited: no Nagle wait
+        if set_no_delay is not None and (nodelay is None or nodelay.sessions_must_set_it):
+            # Replies are small and awaited: no Nagle wait (relaygw.nodelay: most
+            # listeners set it once for all their sessions).
             with contextlib.suppress(OSError):
                 set_no_delay(True)
         peer = self.transport.getPeer()
@@ -746,6 +750,7 @@ class SMTPFactory(Factory):
         self.gateway = gateway
         self.kind = kind
         self.listener = listener
+        self.nodelay = NoDelaySessions()
 
     def buildProtocol(self, addr: object) -> SMTPServerProtocol:
         protocol = SMTPServerProtocol(self.gateway, self.kind, self.listener)
