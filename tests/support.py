@@ -119,14 +119,17 @@ class ManualRunner:
 
 
 class FailingOS:
-    """The ``os`` module, except that ``write`` and/or ``fsync`` fail (a full disk)."""
+    """The ``os`` module, except that ``write`` and/or ``fsync`` fail (a full disk);
+    a write to an ``O_DSYNC`` file fails with ``fsync`` (the data written, not
+    made durable)."""
 
     def __init__(self, *, write: bool = False, fsync: bool = False,
                  error: int = errno.ENOSPC) -> None:
         self.fail_write = write
-        self.fail_fsync = fsync
+        self.fail_fsync = fsync  # also an O_DSYNC write: its sync
         self.error = error
         self.calls: list[str] = []
+        self._dsync_fds: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
@@ -143,11 +146,22 @@ class FailingOS:
             raise OSError(self.error, os.strerror(self.error))
         os.fsync(fd)
 
+    def open(self, path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        fd = os.open(path, flags, mode, **kwargs)
+        if flags & os.O_DSYNC:
+            self._dsync_fds.add(fd)
+        else:
+            self._dsync_fds.discard(fd)
+        return fd
+
     def writev(self, fd: int, buffers: Any) -> int:  # the journal's write
         self.calls.append("writev")
         if self.fail_write:
             raise OSError(self.error, os.strerror(self.error))
-        return os.writev(fd, buffers)
+        written = os.writev(fd, buffers)
+        if self.fail_fsync and fd in self._dsync_fds:  # an O_DSYNC write is its sync
+            raise OSError(self.error, os.strerror(self.error))
+        return written
 
     def fdatasync(self, fd: int) -> None:  # the journal's flush
         self.calls.append("fdatasync")

@@ -35,26 +35,43 @@ IDS = [f"{n:019X}" for n in range(1, 40)]
 
 
 class CountingOS:
-    """``os``, counting fdatasyncs and failing writev or fdatasync on request."""
+    """``os``, counting syncs (an fdatasync, or a write to an ``O_DSYNC`` file) and
+    failing writev or the sync on request."""
 
     def __init__(self) -> None:
-        self.fdatasyncs = 0
+        self.syncs = 0
+        self.writevs = 0
         self.fail_writev_after: int | None = None  # bytes written before the failure
-        self.fail_fdatasync = False
+        self.fail_sync = False
+        self.dsync_fds: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = os.open(path, flags, mode)
+        if flags & os.O_DSYNC:
+            self.dsync_fds.add(fd)
+        else:
+            self.dsync_fds.discard(fd)
+        return fd
+
     def writev(self, fd: int, buffers: list[Any]) -> int:
+        self.writevs += 1
         if self.fail_writev_after is not None:
             data = b"".join(bytes(b) for b in buffers)[:self.fail_writev_after]
             os.write(fd, data)  # part of it reached the file: garbage to cut off
             raise OSError(errno.ENOSPC, "No space left on device")
-        return os.writev(fd, buffers)
+        written = os.writev(fd, buffers)
+        if fd in self.dsync_fds:
+            self.syncs += 1
+            if self.fail_sync:  # written, then not made durable: EIO, as Linux says
+                raise OSError(errno.EIO, "Input/output error")
+        return written
 
     def fdatasync(self, fd: int) -> None:
-        self.fdatasyncs += 1
-        if self.fail_fdatasync:
+        self.syncs += 1
+        if self.fail_sync:
             raise OSError(errno.EIO, "Input/output error")
         os.fdatasync(fd)
 
@@ -99,12 +116,12 @@ def result(d: Any) -> Any:
     return out[0]
 
 
-def test_a_batch_is_one_fdatasync_and_each_message_reads_back(tmp_path: Path) -> None:
+def test_a_batch_is_one_sync_and_each_message_reads_back(tmp_path: Path) -> None:
     fake = CountingOS()
     journal = opened(tmp_path, fake)
     items = [(IDS[i], b'{"id": %d}' % i, b"message %d\r\n" % i * (i + 1)) for i in range(5)]
     done = write(journal, entries(journal, *items))
-    assert fake.fdatasyncs == 1
+    assert fake.syncs == 1
     for d, (_, _, message) in zip(done, items, strict=True):
         location = result(d)
         assert read_message(journal.directory, location) == message
@@ -144,10 +161,34 @@ def test_a_failed_write_fails_its_batch_and_leaves_no_garbage(tmp_path: Path) ->
     assert problem is None and good == os.path.getsize(journal.directory / segment_name(number))
 
 
-def test_a_failed_fdatasync_fails_its_batch(tmp_path: Path) -> None:
+def test_segments_are_opened_o_dsync_and_a_batch_is_one_write(tmp_path: Path) -> None:
+    """The write is the sync: one system call a batch, no fdatasync."""
     fake = CountingOS()
     journal = opened(tmp_path, fake)
-    fake.fail_fdatasync = True
+    assert journal.synced_writes and journal._fd in fake.dsync_fds
+    write(journal, entries(journal, *[(IDS[i], b"{}", b"m") for i in range(3)]))
+    assert (fake.writevs, fake.syncs) == (1, 1)
+
+
+def test_without_synced_writes_a_batch_is_written_then_fdatasynced(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, synced_writes=False)
+    assert journal._fd not in fake.dsync_fds
+    [first, second] = write(journal, entries(journal, (IDS[0], b"{}", b"a"),
+                                             (IDS[1], b"{}", b"b")))
+    assert (fake.writevs, fake.syncs) == (1, 1)  # the one sync is the fdatasync
+    assert read_message(journal.directory, result(first)) == b"a"
+    assert read_message(journal.directory, result(second)) == b"b"
+    fake.fail_sync = True
+    [refused] = write(journal, entries(journal, (IDS[2], b"{}", b"c")))
+    assert isinstance(result(refused), Failure)
+    assert sorted(live_messages(journal.directory)[0]) == [IDS[0], IDS[1]]
+
+
+def test_a_failed_sync_fails_its_batch(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    fake.fail_sync = True
     [d] = write(journal, entries(journal, (IDS[0], b"{}", b"m")))
     assert isinstance(result(d), Failure)
     live, _ = live_messages(journal.directory)
@@ -234,7 +275,7 @@ def test_the_writer_thread_batches_and_reports_through_the_reactor(tmp_path: Pat
         d.addCallback(reported.append)
     journal.start()
     journal.stop()  # writes what is queued, then ends
-    assert fake.fdatasyncs == 1
+    assert fake.syncs == 1
     assert len(reported) == 6
     assert len({(loc.segment, loc.offset) for loc in reported}) == 6
 
@@ -269,7 +310,7 @@ def test_a_segment_is_retired_once_its_messages_are_done_and_never_before_an_old
 
 def test_the_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
     class Broken(CountingOS):
-        def fdatasync(self, fd: int) -> None:
+        def writev(self, fd: int, buffers: list[Any]) -> int:
             raise RuntimeError("a bug, not an I/O error")
 
     journal = opened(tmp_path, Broken())
@@ -324,11 +365,11 @@ def test_done_records_of_a_failed_batch_go_out_with_the_next(tmp_path: Path) -> 
     fake = CountingOS()
     journal = opened(tmp_path, fake)
     location = append(journal, IDS[0])
-    fake.fail_fdatasync = True
+    fake.fail_sync = True
     journal.append_done(IDS[0], location)
     run_writer_once(journal)
     assert IDS[0] in live_messages(journal.directory)[0]  # cut back with its batch
-    fake.fail_fdatasync = False
+    fake.fail_sync = False
     append(journal, IDS[1])
     run_writer_once(journal)
     assert list(live_messages(journal.directory)[0]) == [IDS[1]]
@@ -539,10 +580,10 @@ def test_done_records_of_a_failed_batch_are_tried_again_while_idle(tmp_path: Pat
     journal = opened(tmp_path, fake, done_delay=0.05)
     location = append(journal, IDS[0])
     journal.append_done(IDS[0], location)
-    fake.fail_fdatasync = True
+    fake.fail_sync = True
     run_writer_once(journal)  # the done record's batch fails
     assert journal._unwritten_done
-    fake.fail_fdatasync = False
+    fake.fail_sync = False
     journal._queue = ScriptedQueue([], [])  # type: ignore[assignment]  # nothing comes
     batch = journal.next_batch()  # back after done_delay, empty, instead of blocking
     assert batch == [] and journal._queue.timeouts == [0.05]  # type: ignore[attr-defined]
@@ -566,7 +607,7 @@ def test_with_the_writer_thread_a_done_record_is_written_by_the_stop(tmp_path: P
         journal.append_done(IDS[0], location)
     finally:
         journal.stop()  # does not wait out the 30 s: the stop is written at once
-    assert fake.fdatasyncs == 2
+    assert fake.syncs == 2
     assert live_messages(journal.directory)[0] == {}
 
 

@@ -2,7 +2,7 @@
 
 Why: a message accepted into a queue file of its own costs a new file, its
 fsync, a link and a share of a directory fsync; in the journal it costs one
-append and a share of one fdatasync, and no file at all when it is relayed
+append and a share of one synced write, and no file at all when it is relayed
 at once (the common case). Measured as a throwaway first: 1,363-1,408 accepts
 a second against 804-1,179 (10 sessions, same minutes).
 
@@ -19,14 +19,19 @@ The crc covers the kind byte and the payload. Kinds:
   (delivered, bounced, deleted, or moved to a queue file of its own).
 
 Group commit: appends are queued; one writer thread takes all that is
-queued, writes it with one ``writev``, fdatasyncs once and reports the whole
-batch back through ``callFromThread``. An append's Deferred fires only after
-the fdatasync that covers it, so the SMTP server's 250 still follows the
-disk. A failed write or fdatasync fails the whole batch, and the segment is
+queued, writes it with one ``writev`` and reports the whole batch back
+through ``callFromThread``. Segments are opened ``O_DSYNC``: the write
+returns once its bytes (and the file size that finds them) are on stable
+storage, as a write and an fdatasync would, in one system call and one
+trip back to the GIL instead of two (end to end at 10 sessions, 3 % more
+messages a second over eight A/B pairs). Without ``O_DSYNC`` (or with
+``synced_writes=False``) the batch is written, then fdatasynced. An append's
+Deferred fires only after the sync that covers it, so the SMTP server's 250
+still follows the disk. A failed write or sync fails the whole batch, and the segment is
 cut back to its last good length so that later records never follow
 garbage (if even that fails, a new segment is started). A done record is not
 waited for: lost in a crash, it only means the message is delivered again.
-Nor does it wake the writer for a write and an fdatasync of its own: it goes
+Nor does it wake the writer for a synced write of its own: it goes
 with the next message's batch, or after ``DONE_DELAY`` when no message comes.
 Under load each relayed message made one batch for its message and one for
 its done record (1.3 fdatasyncs and 23 futex calls a message, 10 sessions end
@@ -68,6 +73,7 @@ ID_LENGTH = 19
 SEGMENT_BYTES = 16 * 1024 * 1024
 DONE_DELAY = 0.05  # seconds a done record may wait for a batch to go with
 IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
+O_DSYNC = getattr(os, "O_DSYNC", 0)  # writes that return once durable (POSIX; 0: none)
 
 
 @dataclass(frozen=True)
@@ -253,16 +259,19 @@ class Journal:
     def __init__(self, directory: Path, reactor: Any, os_module: Any = os,
                  segment_bytes: int = SEGMENT_BYTES, threaded: bool = True,
                  done_delay: float = DONE_DELAY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 synced_writes: bool = O_DSYNC != 0) -> None:
         """``threaded=False`` writes each append at once, in the caller's thread
         (for a reactor without threads: unit tests driving a fake clock).
-        ``done_delay`` and ``clock`` time how long done records wait for a batch."""
+        ``done_delay`` and ``clock`` time how long done records wait for a batch.
+        ``synced_writes``: segments opened ``O_DSYNC`` (else an fdatasync a batch)."""
         self.directory = Path(directory)
         self.reactor = reactor
         self.threaded = threaded
         self._flushing = False
         self.os = os_module
         self.segment_bytes = segment_bytes
+        self.synced_writes = synced_writes and O_DSYNC != 0
         if not 0 <= done_delay < 3600:  # a queue's get() refuses infinity and NaN
             raise ValueError(f"done_delay must be 0 to 3600 seconds, not {done_delay!r}")
         self.done_delay = done_delay
@@ -423,7 +432,7 @@ class Journal:
         return None in batch
 
     def write_batch(self, entries: list[Entry]) -> list[Location] | Failure:
-        """Write and fdatasync one batch (blocking): the Location of each entry's
+        """Write one batch durably (blocking): the Location of each entry's
         message bytes, or the Failure of all. Never raises: the writer thread
         must live on whatever one batch meets."""
         try:
@@ -438,8 +447,9 @@ class Journal:
             self._rotate()
         start = self._size
         try:
-            self._write_all(frames)
-            self.os.fdatasync(self._fd)
+            self._write_all(frames)  # durable as it returns, with synced_writes
+            if not self.synced_writes:
+                self.os.fdatasync(self._fd)
         except Exception:
             failure = Failure()
             self._recover_tail(start)
@@ -500,7 +510,7 @@ class Journal:
         path = self.directory / segment_name(number)
         self._number = number  # taken even if this fails: the next try moves on
         fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                          | os.O_CLOEXEC, 0o600)
+                          | os.O_CLOEXEC | (O_DSYNC if self.synced_writes else 0), 0o600)
         try:
             fsync_directory(self.directory, self.os)
         except BaseException:
@@ -547,7 +557,7 @@ class Journal:
 
 def _urgent(batch: list[Entry | None]) -> bool:
     """Whether a batch holds what may not wait: a message (its 250 waits for
-    the fdatasync) or the stop."""
+    the sync) or the stop."""
     return any(entry is None or entry[0] == MESSAGE for entry in batch)
 
 
