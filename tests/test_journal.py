@@ -311,6 +311,7 @@ def test_a_segment_is_retired_once_its_messages_are_done_and_never_before_an_old
 def test_the_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
     class Broken(CountingOS):
         def writev(self, fd: int, buffers: list[Any]) -> int:
+            os.writev(fd, buffers)  # written, then the bug: the tail is cut back
             raise RuntimeError("a bug, not an I/O error")
 
     journal = opened(tmp_path, Broken())

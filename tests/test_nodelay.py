@@ -19,15 +19,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from relaygw.nodelay import NoDelayListening, NoDelaySessions
+from relaygw.nodelay import NoDelayListening, NoDelaySessions, is_adopted
 from relaygw.smtpserver import SMTPFactory
 from support import make_gateway
 
 
 class Accepted(Protocol):
     """Records the accepted socket's TCP_NODELAY as it comes in."""
-
-    seen: Deferred[int]
 
     def connectionMade(self) -> None:
         sock = self.transport.getHandle()  # type: ignore[attr-defined]
@@ -56,6 +54,18 @@ class ListenerTests(TestCase):
             self.assertFalse(sessions.sessions_must_set_it)
         else:
             self.assertTrue(sessions.sessions_must_set_it)
+
+    async def test_an_adopted_listener_gets_it_but_its_sessions_still_set_it(self) -> None:
+        """A socket systemd passed on may hold connections made before the option."""
+        sessions = NoDelaySessions()
+        endpoint = NoDelayListening(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+                                    sessions, adopted=True)
+        port = await endpoint.listen(Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        listening = port.socket  # type: ignore[attr-defined]
+        self.assertNotEqual(listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+        self.assertFalse(sessions.listener_set_it)
+        self.assertTrue(sessions.sessions_must_set_it)
 
     async def test_a_unix_listener_leaves_it_to_the_sessions(self) -> None:
         sessions = NoDelaySessions()
@@ -87,3 +97,13 @@ def test_a_session_sets_it_only_where_its_listener_did_not(
     protocol.makeConnection(transport)
     assert transport.no_delay is expected
     assert transport.value().startswith(b"220 ")
+
+
+@pytest.mark.parametrize(("description", "adopted"), [
+    ("tcp:25:interface=127.0.0.1", False),
+    ("haproxy:tcp:2525", False),
+    ("systemd:domain=INET:index=0", True),
+    ("haproxy:systemd:domain=INET6:index=1", True),
+])
+def test_systemd_sockets_are_adopted(description: str, adopted: bool) -> None:
+    assert is_adopted(description) is adopted

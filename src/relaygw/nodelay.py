@@ -6,6 +6,13 @@ setting it there spares every session a ``setsockopt`` (a system call per
 connection; with one connection per message, a system call per message). On
 other systems, or where the listener is not a TCP socket (a UNIX socket) or
 refuses the option, sessions set it themselves, as before.
+
+A connection's socket is copied from the listener when its handshake
+completes, not when it is accepted: a listening socket handed over by
+systemd may already hold connections made before the option was set, so
+there sessions keep setting it themselves (``NoDelay=yes`` in the socket
+unit sets it before any). A port of our own is set within microseconds of
+its ``listen()``, at start-up, before the reactor runs.
 """
 
 from __future__ import annotations
@@ -34,11 +41,15 @@ class NoDelaySessions:
 
 @implementer(IStreamServerEndpoint)
 class NoDelayListening:
-    """An endpoint whose listening socket gets TCP_NODELAY once it listens."""
+    """An endpoint whose listening socket gets TCP_NODELAY once it listens;
+    ``adopted``: a socket listening already (systemd's), whose sessions still
+    set it themselves."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, sessions: NoDelaySessions) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, sessions: NoDelaySessions,
+                 adopted: bool = False) -> None:
         self._endpoint = endpoint
         self._sessions = sessions
+        self._adopted = adopted
 
     def listen(self, factory: Factory) -> Deferred[IListeningPort]:
         return self._endpoint.listen(factory).addCallback(self._listening)
@@ -50,5 +61,11 @@ class NoDelayListening:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 return port
-            self._sessions.listener_set_it = True
+            # Adopted: connections made before now did not inherit it.
+            self._sessions.listener_set_it = not self._adopted
         return port
+
+
+def is_adopted(description: str) -> bool:
+    """Whether a listener's endpoint takes over a socket already listening."""
+    return description.startswith(("systemd:", "haproxy:systemd:"))

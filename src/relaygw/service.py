@@ -33,7 +33,7 @@ from relaygw.interfaces import IDeliverer
 from relaygw.journal import Journal
 from relaygw.logs import MailLog
 from relaygw.metrics import GatewayMetrics, metrics_site
-from relaygw.nodelay import NoDelayListening
+from relaygw.nodelay import NoDelayListening, is_adopted
 from relaygw.proxyprotocol import listener_endpoint
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import Scheduler
@@ -409,7 +409,7 @@ def build_service(config: Config, reactor: Any,
     for listener in config.listeners:
         smtp_factory = SMTPFactory(gateway, listener.kind, listener.endpoint)
         endpoint = NoDelayListening(listener_endpoint(reactor, listener.endpoint),
-                                    smtp_factory.nodelay)
+                                    smtp_factory.nodelay, is_adopted(listener.endpoint))
         factory: Any = smtp_factory
         if listener.kind == "submissions":
             assert gateway.server_tls is not None  # config.py demands [tls] for it
