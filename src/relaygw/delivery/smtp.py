@@ -464,6 +464,7 @@ class _Session:
         self.clean = False    # the transaction ended with the server ready for the next
         self.transactions = 0
         self.rset_pending = False  # a reused session's RSET goes with the next MAIL
+        self.rset_refused: Reply | Exception | None = None  # what that RSET got instead of 250
 
     async def run(self) -> list[DeliveryResult]:
         while True:
@@ -649,30 +650,30 @@ class _Session:
             rset = self.rset_pending
             self.rset_pending = False
             self.proto.send(*([b"RSET"] if rset else []), mail, *rcpts, b"DATA")
-            failed_rset: list[Reply | Exception] = []
+            self.rset_refused = None
             if rset:
-                self.proto.expect(self.t.rset, "RSET").addBoth(self._check_rset, failed_rset)
+                self.proto.expect(self.t.rset, "RSET").addBoth(self._check_rset)
             replies = await self.proto.expect_replies(
                 [(self.t.mail, "MAIL"), *[(self.t.rcpt, "RCPT")] * len(rcpts),
                  (self.t.data_init, "DATA")])
-            if failed_rset:
+            if self.rset_refused is not None:
                 self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
-                                         remote=self.hop.label, error=failed_rset[0])
+                                         remote=self.hop.label, error=self.rset_refused)
                 raise _StaleSession()
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
 
-    def _check_rset(self, result: Reply | Failure, failed: list[Reply | Exception]) -> None:
+    def _check_rset(self, result: Reply | Failure) -> None:
         """Unless the RSET sent ahead of this transaction was answered 250: note it
-        in ``failed`` (the transaction then raises _StaleSession) and abort the
+        in ``rset_refused`` (the transaction then raises _StaleSession) and abort the
         session. Nothing of the message has gone yet: whatever the server made
         of MAIL, RCPT or DATA ends with the connection. A callback, not a wait:
         the RSET's reply comes before the others, and the transaction wakes once
         for them all."""
         if isinstance(result, Reply) and result.code == 250:
             return
-        failed.append(result if isinstance(result, Reply) else result.value)
+        self.rset_refused = result if isinstance(result, Reply) else result.value
         self.clean = False
         self.proto.abort()
 
