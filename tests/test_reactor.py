@@ -13,7 +13,7 @@ import pytest
 from twisted.internet.abstract import FileDescriptor
 from twisted.python.failure import Failure
 
-from relaygw.reactor import RelayReactor
+from relaygw.reactor import RelayReactor, call_soon
 
 
 class Reader(FileDescriptor):
@@ -122,6 +122,72 @@ def test_a_descriptor_removed_by_an_earlier_event_of_the_batch_is_skipped(
     finally:
         for s in (first, first_peer, second, second_peer):
             s.close()
+
+
+def test_call_soon_runs_in_order_before_the_next_wait(reactor: RelayReactor) -> None:
+    ran: list[str] = []
+    reactor.call_soon(ran.append, "first")
+    reactor.call_soon(ran.append, "second")
+    assert ran == []
+    assert reactor.timeout() == 0.0  # the poll must not block while calls wait
+    assert reactor.getDelayedCalls() == []  # not in the timer heap
+    reactor.runUntilCurrent()
+    assert ran == ["first", "second"]
+    assert reactor.timeout() is None  # nothing left: the reactor may sleep
+
+
+def test_a_call_soon_asked_for_by_one_runs_the_turn_after(reactor: RelayReactor) -> None:
+    ran: list[str] = []
+
+    def first() -> None:
+        ran.append("first")
+        reactor.call_soon(ran.append, "asked by first")
+
+    reactor.call_soon(first)
+    reactor.runUntilCurrent()
+    assert ran == ["first"]
+    assert reactor.timeout() == 0.0
+    reactor.runUntilCurrent()
+    assert ran == ["first", "asked by first"]
+
+
+def test_a_call_soon_that_raises_is_logged_and_the_others_still_run(
+        reactor: RelayReactor) -> None:
+    from twisted.logger import globalLogPublisher
+
+    failures: list[Failure] = []
+
+    def observer(event: dict[str, object]) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            failures.append(failure)
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a call")
+
+    ran: list[str] = []
+    globalLogPublisher.addObserver(observer)
+    try:
+        reactor.call_soon(broken)
+        reactor.call_soon(ran.append, "after")
+        reactor.runUntilCurrent()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert ran == ["after"]
+    assert [f.check(RuntimeError) for f in failures] == [RuntimeError]
+
+
+def test_call_soon_falls_back_to_call_later_zero() -> None:
+    """A reactor without it (a test's Clock, ``twistd -r poll``) gets callLater(0)."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    ran: list[str] = []
+    call_soon(clock, ran.append, "x")
+    [call] = clock.getDelayedCalls()
+    assert call.getTime() == clock.seconds()
+    clock.advance(0)
+    assert ran == ["x"]
 
 
 def flush_logged_errors() -> list[Failure]:

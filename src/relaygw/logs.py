@@ -32,6 +32,7 @@ from twisted.python import threadable
 from zope.interface import implementer
 
 from relaygw.envelope import Envelope
+from relaygw.reactor import call_soon
 from relaygw.scheduler import Event
 
 
@@ -152,7 +153,7 @@ class TurnFlushedLog:
     and in containers, makes the stream write through, so buffering in the
     stream is not enough); a relayed message makes three lines or more, and
     their system calls were 8 % of the reactor thread end to end. Lines logged
-    in a turn of the reactor are joined and written by a ``callLater(0)``,
+    in a turn of the reactor are joined and written by a ``call_soon``,
     which runs before the reactor next waits for I/O: a line is out within
     microseconds, and a kill -9 can lose only the current turn's lines. Away
     from a running reactor's thread (start-up, shutdown, other threads) each
@@ -173,7 +174,7 @@ class TurnFlushedLog:
         self._reactor = reactor
         self._in_io_thread = in_io_thread
         self._turn: list[str] = []  # this turn's lines (the reactor thread's alone)
-        self._write_asked = False  # a callLater(0) will write the turn
+        self._write_asked = False  # a call_soon will write the turn
         self._shutdown_hooked = False
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -193,7 +194,7 @@ class TurnFlushedLog:
         self._turn.append(text)
         if not self._write_asked:
             self._write_asked = True
-            self._reactor.callLater(0, self.write_turn)
+            call_soon(self._reactor, self.write_turn)
             if not self._shutdown_hooked:
                 self._shutdown_hooked = True
                 add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)

@@ -22,6 +22,15 @@ It relies on ``EPollReactor``'s ``_poller``, ``_selectables`` and
 ``_doReadOrWrite``, as Twisted 26.10 has them; ``tests/test_reactor.py``
 fails if they change.
 
+``RelayReactor.call_soon(f, *args)`` is ``callLater(0, f, *args)`` for what
+must run after the current handler, before the reactor waits again (a turn's
+log lines, a session's close): a list, not a DelayedCall in the timer heap.
+A DelayedCall costs its object, a heap push and pop compared by a Python
+``__lt__``, and a logging context around the call: about 20 Python calls each,
+twice per relayed message. ``call_soon(reactor, f, *args)`` picks it where the
+reactor has it and ``callLater(0)`` elsewhere (tests' ``Clock``, a reactor
+chosen with ``twistd -r``).
+
 ``relaygw.tap.makeService`` calls ``install_if_none`` when twistd runs it, and
 it installs nothing if a reactor is installed already (``twistd -r poll``),
 so an operator's choice of reactor stands.
@@ -31,14 +40,45 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
 from twisted.python import log
 
 
 class RelayReactor(EPollReactor):
-    """``EPollReactor`` dispatching I/O events without the legacy log context."""
+    """``EPollReactor`` dispatching I/O events without the legacy log context,
+    with a list of calls for the next turn (``call_soon``)."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self._soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        super().__init__()
+
+    def call_soon(self, f: Callable[..., object], *args: Any) -> None:
+        """``f(*args)`` when the reactor next runs its timed calls (first among
+        them), before it waits for I/O again; an exception is logged, as a
+        timed call's is. Not cancellable: its callers check on their own."""
+        self._soon.append((f, args))
+
+    def runUntilCurrent(self) -> None:
+        if self._soon:
+            # Swapped first: a call that asks for another gets the turn after.
+            soon, self._soon = self._soon, []
+            for f, args in soon:
+                try:
+                    f(*args)
+                except Exception:
+                    self._log.failure("while handling a call_soon call to {f!r}", f=f)
+        super().runUntilCurrent()
+
+    def timeout(self) -> float | None:
+        if self._soon:
+            return 0.0
+        return super().timeout()
 
     def doPoll(self, timeout: float | None) -> None:
         if timeout is None:
@@ -63,6 +103,15 @@ class RelayReactor(EPollReactor):
                 log.err(None, f"Unhandled error dispatching an event for {selectable!r}")
 
     doIteration = doPoll
+
+
+def call_soon(reactor: Any, f: Callable[..., object], *args: Any) -> None:
+    """``reactor.call_soon(f, *args)`` on a RelayReactor, else ``callLater(0, ...)``."""
+    soon = getattr(reactor, "call_soon", None)
+    if soon is not None:
+        soon(f, *args)
+    else:
+        reactor.callLater(0, f, *args)
 
 
 def install_if_none() -> bool:
