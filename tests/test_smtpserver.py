@@ -884,6 +884,40 @@ def test_lost_connection_cancels_the_timer(gateway: FakeGateway) -> None:
     assert gateway.connections.total == 0
 
 
+def test_input_notes_its_time_and_moves_no_timer(gateway: FakeGateway) -> None:
+    """A command costs no timer reset: the one timer, when it fires, is set again
+    for what is left since the last input."""
+    session = greet(gateway)
+    [timer] = gateway.clock.getDelayedCalls()
+    deadline = timer.getTime()
+    gateway.clock.advance(10)
+    assert session.send("NOOP\r\n") == [replies.OK]
+    assert gateway.clock.getDelayedCalls() == [timer] and timer.getTime() == deadline
+    gateway.clock.advance(deadline - gateway.clock.seconds())
+    [again] = gateway.clock.getDelayedCalls()
+    assert again.getTime() == pytest.approx(10 + 30)
+    assert not session.closed
+    gateway.clock.advance(10)
+    assert session.new_lines() == [replies.timeout(HOSTNAME)]
+    assert session.closed
+
+
+@pytest.mark.parametrize(("new_timeout", "closed_at_first_check"), [(10.0, True), (60.0, False)])
+def test_the_timeout_in_force_when_the_timer_fires_counts(
+        gateway: FakeGateway, new_timeout: float, closed_at_first_check: bool) -> None:
+    """A reload that changes command_timeout applies to open sessions from then on."""
+    session = greet(gateway)
+    gateway.clock.advance(5)
+    session.send("NOOP\r\n")
+    gateway.config = replace(gateway.config,
+                             limits=replace(gateway.config.limits, command_timeout=new_timeout))
+    gateway.clock.advance(25)  # the timer set at the greeting (30 s) fires
+    assert session.closed is closed_at_first_check
+    if not closed_at_first_check:
+        [again] = gateway.clock.getDelayedCalls()
+        assert again.getTime() == pytest.approx(5 + new_timeout)
+
+
 def test_too_many_errors(gateway: FakeGateway) -> None:
     session = greet(gateway)
     for _ in range(MAX_ERRORS - 1):

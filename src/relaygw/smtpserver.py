@@ -49,6 +49,7 @@ from relaygw.tlsserver import ServerTLS
 MAX_COMMAND_LINE = 1000      # octets before CRLF; RFC 5321 allows 512, extensions more
 MAX_ERRORS = 20              # Postfix's smtpd_hard_error_limit
 PAUSE_BUFFER = 256 * 1024    # stop reading while a commit is pending and this much waits
+IDLE_SLACK = 0.001           # seconds: an idle timer this close to its time has expired
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
@@ -142,6 +143,7 @@ class SMTPServerProtocol(Protocol):
         self._reader: DataReader | None = None
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
+        self._last_input = 0.0  # when the client last sent anything (the idle timer's base)
         self.draining = False
 
     # --- connection ------------------------------------------------------------
@@ -171,7 +173,7 @@ class SMTPServerProtocol(Protocol):
             return
         self.gateway.connections.sessions.add(self)
         self.gateway.maillog.connect(self.client_host, self.listener)
-        self._restart_timer()
+        self._start_idle_timer()
         self.reply(replies.banner(self.config.hostname))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -220,14 +222,24 @@ class SMTPServerProtocol(Protocol):
         self.closing = True
         lose_connection(self.transport)
 
-    def _restart_timer(self) -> None:
-        timeout = self.config.limits.command_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.gateway.clock.callLater(timeout, self._timed_out)
+    def _start_idle_timer(self) -> None:
+        """Time the session out ``command_timeout`` after the client last sent anything.
 
-    def _timed_out(self) -> None:
+        Input only notes its time (``dataReceived``); the one timer, when it
+        fires, sets itself again for what is left. Resetting a timer at every
+        command cost a clock read and a timer move per line, six or more per
+        message. The timeout in force when the timer fires counts (a SIGHUP
+        that changes it applies to sessions already open from then on)."""
+        clock = self.gateway.clock
+        self._last_input = clock.seconds()
+        self._timer = clock.callLater(self.config.limits.command_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        clock = self.gateway.clock
+        left = self._last_input + self.config.limits.command_timeout - clock.seconds()
+        if left > IDLE_SLACK:
+            self._timer = clock.callLater(left, self._idle_check)
+            return
         self._timer = None
         self.gateway.maillog.reject(self.client_host, "TIMEOUT",
                                     replies.timeout(self.config.hostname), "timeout")
@@ -243,7 +255,7 @@ class SMTPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self._restart_timer()
+        self._last_input = self.gateway.clock.seconds()
         self._buffer += data
         self._process()
 
