@@ -8,7 +8,7 @@ retrying and bouncing are the scheduler's job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -63,6 +63,19 @@ class IDeliverer(Interface):
         The Deferred must not errback: a transport turns its own errors into
         DEFERRED results.
         """
+
+
+class IInlineDeliverer(IDeliverer):
+    """A transport whose attempt is also a coroutine. Optional.
+
+    The scheduler's attempt is a coroutine: awaiting the transport's coroutine
+    directly saves the Deferred ``deliver`` wraps it in, and a trip through
+    Twisted's trampoline each time the attempt waits and resumes."""
+
+    def deliver_inline(envelope: Envelope, message_path: Path,  # type: ignore[misc]
+                       recipients: Sequence[Recipient]
+                       ) -> Coroutine[object, object, list[DeliveryResult]]:
+        """What ``deliver`` does, as a coroutine; it must not raise either."""
 
 
 class IBacklogAware(Interface):

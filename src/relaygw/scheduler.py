@@ -44,11 +44,10 @@ import heapq
 import itertools
 import random as random_module
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,11 +55,16 @@ from twisted.python.failure import Failure
 from relaygw import retry
 from relaygw.config import QueueConfig
 from relaygw.envelope import Envelope, Recipient, RecipientState
-from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer, Status
+from relaygw.interfaces import (
+    DeliveryResult,
+    IBacklogAware,
+    IDeliverer,
+    IInlineDeliverer,
+    Status,
+)
 from relaygw.spool import Spool
 
 Bouncer = Callable[[Envelope, list[Recipient]], Deferred[object]]
-T = TypeVar("T")
 
 ATTEMPT_WINDOW = 1000  # attempts in flight at most (each holds a coroutine)
 BACKLOG_PER_SLOT = 4   # groups started per per-destination slot before ids wait aside
@@ -125,22 +129,14 @@ class Slots:
         finally:
             self._releasing = False
 
-    def run(self, f: Callable[[], Deferred[T]]) -> Deferred[T]:
-        """``f()`` once a slot is free; the slot is released when its Deferred fires.
-
-        With a slot free now (the usual case), ``f`` runs at once without a
-        Deferred to wait on first: this runs twice for every delivery."""
+    def take(self) -> Deferred[None] | None:
+        """A slot: None when one was free and is now held (the usual case, with
+        no Deferred to make or wait on), else ``acquire()``'s Deferred. The
+        caller releases it."""
         if self.tokens > 0 and not self.waiting:
             self.tokens -= 1
-            return self._execute(f)
-        return self.acquire().addCallback(lambda _: self._execute(f))
-
-    def _execute(self, f: Callable[[], Deferred[T]]) -> Deferred[T]:
-        return maybeDeferred(f).addBoth(self._release_and_return)
-
-    def _release_and_return(self, result: T) -> T:
-        self.release()
-        return result
+            return None
+        return self.acquire()
 
     def _cancel(self, d: Deferred[None]) -> None:
         self.waiting.remove(d)
@@ -717,7 +713,7 @@ class Scheduler:
                 if destination in self._blocked:
                     self._arm()  # room for mail waiting aside
 
-        def start() -> Deferred[list[DeliveryResult]]:
+        async def start() -> list[DeliveryResult]:
             nonlocal probe
             # stop() lets attempts in flight finish and starts no more; nor do hold
             # and delete for a group still waiting for its slots.
@@ -726,9 +722,12 @@ class Scheduler:
             if probe is None:
                 probe = self._admit(destination)
             handed_over()
-            d = deliverer.deliver(envelope, message_path, recipients)
+            if IInlineDeliverer.providedBy(deliverer):
+                results = await deliverer.deliver_inline(envelope, message_path, recipients)
+            else:
+                results = await deliverer.deliver(envelope, message_path, recipients)
             # Before the slots are released: the groups queued behind see the verdict.
-            return d.addCallback(self._note, destination)
+            return self._note(results, destination)
 
         try:
             while True:
@@ -744,24 +743,32 @@ class Scheduler:
                 if destination in self._blocked:
                     self._arm()  # those that waited aside for the verdict
 
-    def _in_slots(self, destination: str, start: Callable[[], Deferred[list[DeliveryResult]]]
-                  ) -> Deferred[list[DeliveryResult]]:
+    async def _in_slots(self, destination: str,
+                        start: Callable[[], Coroutine[object, object, list[DeliveryResult]]]
+                        ) -> list[DeliveryResult]:
+        """``start()`` holding a per-destination slot, then a global one.
+
+        A coroutine awaited by the attempt's own: with slots free (the usual
+        case) nothing here makes or waits on a Deferred."""
         per_destination = self._per_destination.get(destination)
         if per_destination is None:
             per_destination = Slots(self.config.per_destination)
             self._per_destination[destination] = per_destination
-
-        def call() -> Deferred[list[DeliveryResult]]:
-            return self._global.run(start)
-
-        d = per_destination.run(call)
-
-        def release(result: object) -> object:
+        wait = per_destination.take()
+        if wait is not None:
+            await wait  # cancelled, it holds no slot: acquire's canceller dropped it
+        try:
+            wait = self._global.take()
+            if wait is not None:
+                await wait
+            try:
+                return await start()
+            finally:
+                self._global.release()
+        finally:
+            per_destination.release()
             if not per_destination.waiting and per_destination.tokens == per_destination.limit:
                 self._per_destination.pop(destination, None)
-            return result
-
-        return d.addBoth(release)
 
     # --- dead destinations ---------------------------------------------------------
 

@@ -65,7 +65,7 @@ from relaygw.delivery.smtpclient import (
 )
 from relaygw.dns import DNSError, Hop, NextHopResolver
 from relaygw.envelope import Envelope, Recipient
-from relaygw.interfaces import DeliveryResult, IBacklogAware, IDeliverer
+from relaygw.interfaces import DeliveryResult, IBacklogAware, IInlineDeliverer
 from relaygw.queuefile import MessageFile
 from relaygw.routing import Router
 from relaygw.spool import MessageSource, QueueFiles
@@ -241,7 +241,7 @@ class ConnectionCache:
         return True
 
 
-@implementer(IDeliverer, IBacklogAware)
+@implementer(IInlineDeliverer, IBacklogAware)
 class SMTPRelayDeliverer:
     """Relays to the next hop of each recipient domain over SMTP."""
 
@@ -341,10 +341,12 @@ class SMTPRelayDeliverer:
 
     def deliver(self, envelope: Envelope, message_path: Path,
                 recipients: Sequence[Recipient]) -> Deferred[list[DeliveryResult]]:
-        return Deferred.fromCoroutine(self._deliver_safely(envelope, message_path, recipients))
+        return Deferred.fromCoroutine(self.deliver_inline(envelope, message_path, recipients))
 
-    async def _deliver_safely(self, envelope: Envelope, message_path: Path,
-                              recipients: Sequence[Recipient]) -> list[DeliveryResult]:
+    async def deliver_inline(self, envelope: Envelope, message_path: Path,
+                             recipients: Sequence[Recipient]) -> list[DeliveryResult]:
+        """``deliver`` as a coroutine (``IInlineDeliverer``): the scheduler's own
+        coroutine awaits it, without a Deferred and a trampoline of its own."""
         if not isinstance(message_path, Path):
             message_path = Path(message_path)
         try:
