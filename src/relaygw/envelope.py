@@ -26,6 +26,8 @@ class RecipientState(StrEnum):
 _STATES = {state.value: state for state in RecipientState}  # cheaper than the Enum call
 _DELIVERED = RecipientState.DELIVERED
 _FAILED = RecipientState.FAILED
+# json.dumps with options builds a new encoder at every call: this one is made once.
+_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(slots=True)
@@ -85,7 +87,7 @@ class Envelope:
             "recipients": recipients, "sender": self.sender, "size": self.size,
             "version": ENVELOPE_VERSION,
         }
-        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+        return _ENVELOPE_JSON.encode(data).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Envelope:
