@@ -515,7 +515,8 @@ class Scheduler:
             self._start_attempt(envelope)
             return
         destinations = {destination for _, destination in routed}
-        if self._park_if_all_dead(envelope, routed, destinations, now):
+        # (no destination is dead, or being probed, at all: the usual case)
+        if self._destinations and self._park_if_all_dead(envelope, routed, destinations, now):
             return
         crowded = next((d for d in sorted(destinations)
                         if self._crowded(d) or (d in self._blocked and d != draining)), None)

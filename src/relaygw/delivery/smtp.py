@@ -50,7 +50,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw.config import Config, RouteConfig, TLSPolicy
@@ -466,7 +465,6 @@ class _Session:
         self.clean = False    # the transaction ended with the server ready for the next
         self.transactions = 0
         self.rset_pending = False  # a reused session's RSET goes with the next MAIL
-        self.rset_refused: Reply | Exception | None = None  # what that RSET got instead of 250
 
     async def run(self) -> list[DeliveryResult]:
         while True:
@@ -652,32 +650,32 @@ class _Session:
             rset = self.rset_pending
             self.rset_pending = False
             self.proto.send(*([b"RSET"] if rset else []), mail, *rcpts, b"DATA")
-            self.rset_refused = None
-            if rset:
-                self.proto.expect(self.t.rset, "RSET").addBoth(self._check_rset)
-            replies = await self.proto.expect_replies(
-                [(self.t.mail, "MAIL"), *[(self.t.rcpt, "RCPT")] * len(rcpts),
-                 (self.t.data_init, "DATA")])
-            if self.rset_refused is not None:
-                self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
-                                         remote=self.hop.label, error=self.rset_refused)
-                raise _StaleSession()
+            waits = [(self.t.mail, "MAIL"), *[(self.t.rcpt, "RCPT")] * len(rcpts),
+                     (self.t.data_init, "DATA")]
+            if not rset:
+                replies = await self.proto.expect_replies(waits)
+            else:
+                rset_reply, *replies = await self.proto.expect_replies(
+                    [(self.t.rset, "RSET"), *waits])
+                self._check_rset(rset_reply)
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
 
-    def _check_rset(self, result: Reply | Failure) -> None:
-        """Unless the RSET sent ahead of this transaction was answered 250: note it
-        in ``rset_refused`` (the transaction then raises _StaleSession) and abort the
-        session. Nothing of the message has gone yet: whatever the server made
-        of MAIL, RCPT or DATA ends with the connection. A callback, not a wait:
-        the RSET's reply comes before the others, and the transaction wakes once
-        for them all."""
-        if isinstance(result, Reply) and result.code == 250:
+    def _check_rset(self, reply: Reply | Exception) -> None:
+        """Unless the RSET sent ahead of this transaction was answered 250: abort the
+        session and raise _StaleSession (``run`` takes another). Nothing of the
+        message has gone yet: whatever the server made of MAIL, RCPT or DATA ends
+        with the connection. Its reply is one of the group's, so the transaction
+        wakes once for them all. Cancelled (shutdown), the group's other replies
+        are CancelledError too and its recipients are deferred as cut short."""
+        if isinstance(reply, CancelledError) or (isinstance(reply, Reply) and reply.code == 250):
             return
-        self.rset_refused = result if isinstance(result, Reply) else result.value
         self.clean = False
         self.proto.abort()
+        self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
+                                 remote=self.hop.label, error=reply)
+        raise _StaleSession()
 
     def _mail_command(self, extensions: dict[str, str]) -> bytes:
         mail = b"MAIL FROM:<" + self.envelope.sender.encode("utf-8") + b">"
