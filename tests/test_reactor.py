@@ -6,11 +6,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from relaygw.reactor import RelayReactor, call_soon
@@ -122,6 +124,98 @@ def test_a_descriptor_removed_by_an_earlier_event_of_the_batch_is_skipped(
     finally:
         for s in (first, first_peer, second, second_peer):
             s.close()
+
+
+class Recorder(Protocol):
+    """A server protocol noting what reaches it; ``fail`` makes dataReceived raise."""
+
+    instances: list[Recorder] = []
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.data: list[bytes] = []
+        self.lost: list[Failure] = []
+        Recorder.instances.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in a protocol")
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+@pytest.fixture
+def accepted(reactor: RelayReactor, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[Recorder, socket.socket]]:
+    """A real loopback TCP session: its server protocol on ``reactor``, its client
+    socket. The parameter, if any, is the protocol's ``fail``."""
+    fail = getattr(request, "param", False)
+    Recorder.instances.clear()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Recorder(fail)),
+                             interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        for _ in range(100):
+            if Recorder.instances:
+                break
+            reactor.doIteration(0.01)
+        [protocol] = Recorder.instances
+        yield protocol, client
+    finally:
+        client.close()
+        port.stopListening()
+        for transport in reactor.getReaders():
+            if hasattr(transport, "abortConnection"):
+                transport.abortConnection()
+        reactor.runUntilCurrent()
+
+
+def iterate_until(reactor: RelayReactor, done: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if done():
+            return
+        reactor.doIteration(0.01)
+        reactor.runUntilCurrent()
+    raise AssertionError("the reactor never got there")
+
+
+def test_a_tcp_read_reaches_the_protocol_without_twisteds_dispatch(
+        reactor: RelayReactor, accepted: tuple[Recorder, socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    protocol, client = accepted
+    dispatched: list[int] = []
+    real = reactor._doReadOrWrite
+    monkeypatch.setattr(reactor, "_doReadOrWrite",
+                        lambda s, fd, event: dispatched.append(event) or real(s, fd, event))
+    client.sendall(b"EHLO x\r\n")
+    iterate_until(reactor, lambda: protocol.data != [])
+    assert protocol.data == [b"EHLO x\r\n"]
+    assert dispatched == []  # folded into _read_tcp
+    assert protocol.lost == []
+
+
+def test_end_of_file_on_a_tcp_read_is_a_clean_close(
+        reactor: RelayReactor, accepted: tuple[Recorder, socket.socket]) -> None:
+    protocol, client = accepted
+    client.sendall(b"QUIT\r\n")
+    client.shutdown(socket.SHUT_WR)
+    iterate_until(reactor, lambda: protocol.lost != [])
+    assert protocol.data == [b"QUIT\r\n"]
+    [reason] = protocol.lost
+    assert reason.check(ConnectionDone)
+
+
+@pytest.mark.parametrize("accepted", [True], indirect=True)
+def test_a_protocol_that_raises_on_a_tcp_read_is_logged_and_disconnected(
+        reactor: RelayReactor, accepted: tuple[Recorder, socket.socket]) -> None:
+    protocol, client = accepted
+    client.sendall(b"x")
+    iterate_until(reactor, lambda: protocol.lost != [])
+    [reason] = protocol.lost
+    assert reason.check(RuntimeError)
+    assert [e for e in flush_logged_errors() if e.check(RuntimeError)]
 
 
 def test_call_soon_runs_in_order_before_the_next_wait(reactor: RelayReactor) -> None:

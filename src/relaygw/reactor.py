@@ -22,6 +22,15 @@ It relies on ``EPollReactor``'s ``_poller``, ``_selectables`` and
 ``_doReadOrWrite``, as Twisted 26.10 has them; ``tests/test_reactor.py``
 fails if they change.
 
+A plain read event on a TCP connection (``EPOLLIN`` alone, on a
+``tcp.Server`` or ``tcp.Client``, TLS or not) takes one step further:
+``_read_tcp`` does what ``_doReadOrWrite``, ``Connection.doRead`` and
+``Connection._dataReceived`` do for it, in one frame instead of four (and
+without the ``fileno()`` check: a closed socket's ``recv`` fails and the
+connection is lost, as the check would have it). Six or more such events a
+relayed message; anything else (a hang-up, a write, a listening port)
+goes Twisted's way.
+
 ``RelayReactor.call_soon(f, *args)`` is ``callLater(0, f, *args)`` for what
 must run after the current handler, before the reactor waits again (a turn's
 log lines, a session's close): a list, not a DelayedCall in the timer heap.
@@ -41,8 +50,10 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable
+from select import EPOLLIN
 from typing import Any
 
+from twisted.internet import main, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.python import log
@@ -91,18 +102,48 @@ class RelayReactor(EPollReactor):
             raise
         selectables = self._selectables
         dispatch = self._doReadOrWrite
+        read_tcp = self._read_tcp
         for fd, event in ready:
             selectable = selectables.get(fd)
             if selectable is None:
                 continue  # removed by an earlier event of this batch
             try:
-                dispatch(selectable, fd, event)
+                if event == EPOLLIN and type(selectable) in _TCP_CONNECTIONS:
+                    read_tcp(selectable)
+                else:
+                    dispatch(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
                 log.err(None, f"Unhandled error dispatching an event for {selectable!r}")
 
     doIteration = doPoll
+
+    def _read_tcp(self, connection: Any) -> None:
+        """``_doReadOrWrite(connection, fd, EPOLLIN)`` for a TCP connection, with its
+        ``doRead`` and ``_dataReceived`` (Twisted 26.10's) folded in: read, hand
+        the bytes to the protocol, disconnect on end of file, a failed ``recv`` or
+        an exception from the protocol (logged, as Twisted logs it)."""
+        why = None
+        try:
+            try:
+                data = connection.socket.recv(connection.bufferSize)
+            except OSError as e:
+                if e.args[0] != errno.EWOULDBLOCK:
+                    why = main.CONNECTION_LOST
+            else:
+                if data:
+                    connection.protocol.dataReceived(data)
+                else:
+                    why = main.CONNECTION_DONE
+        except BaseException:
+            why = sys.exc_info()[1]
+            log.err()
+        if why:
+            self._disconnectSelectable(connection, why, True)
+
+
+_TCP_CONNECTIONS = (tcp.Server, tcp.Client)
 
 
 def call_soon(reactor: Any, f: Callable[..., object], *args: Any) -> None:
