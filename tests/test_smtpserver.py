@@ -158,6 +158,8 @@ DIALOGS: dict[str, list[Step]] = {
     "bare LF ends no command": [(b"NOOP\n", [replies.BARE_NEWLINE_COMMAND])],
     "bare CR in a command": [(b"NO\rOP\r\n", [replies.BARE_NEWLINE_COMMAND])],
     "CR CR LF": [(b"NOOP\r\r\n", [replies.BARE_NEWLINE_COMMAND])],
+    "a lone LF": [(b"\n", [replies.BARE_NEWLINE_COMMAND])],
+    "an empty command": [(b"\r\n", [replies.UNKNOWN_COMMAND])],
     # 501 / 555: syntax
     "mail without from": [(EHLO, EHLO_REPLY), ("MAIL TO:<a@b.test>", [replies.SYNTAX_MAIL])],
     "mail without brackets": [(EHLO, EHLO_REPLY),

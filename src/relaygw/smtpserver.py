@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ def rfc5322_date(seconds: float) -> str:
     offset_hours, offset_minutes = divmod(abs(offset) // 60, 60)
     return (f"{_DAYS[weekday]}, {day:02d} {_MONTHS[month - 1]} {year:04d}"
             f" {hour:02d}:{minute:02d}:{second:02d} {sign}{offset_hours:02d}{offset_minutes:02d}")
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(hostname: str, max_size: int, extensions: tuple[str, ...]) -> str:
+    """The EHLO reply: the same few for every session, so made once each."""
+    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "ETRN", *extensions,
+             "ENHANCEDSTATUSCODES", "8BITMIME"]
+    return "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}"
 
 
 class Gateway(TypingProtocol):
@@ -287,17 +296,18 @@ class SMTPServerProtocol(Protocol):
                         self._discarding_long_line = True
                         self._error(replies.COMMAND_TOO_LONG)
                 return
-            line = bytes(self._buffer[: line_end + 1])
+            line = bytes(self._buffer[:line_end])  # without its LF
             del self._buffer[: line_end + 1]
             if self._discarding_long_line:
                 self._discarding_long_line = False
                 continue
-            if len(line) > MAX_COMMAND_LINE + 2:
+            if len(line) > MAX_COMMAND_LINE + 1:
                 self._error(replies.COMMAND_TOO_LONG)
-            elif not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            elif not line or line.find(b"\r") != len(line) - 1:
+                # not one CR, right before the LF: a bare LF, or a bare CR inside
                 self._error(replies.BARE_NEWLINE_COMMAND)
             else:
-                self._command(line[:-2])
+                self._command(line[:-1])
         self._finish_draining()
         if self._busy and len(self._buffer) > PAUSE_BUFFER and not self._paused:
             self._paused = True
@@ -367,9 +377,8 @@ class SMTPServerProtocol(Protocol):
         if not esmtp:
             self.reply(f"250 {hostname}")
             return
-        lines = [hostname, "PIPELINING", f"SIZE {self.config.limits.max_message_size}",
-                 "ETRN", *self._extensions(), "ENHANCEDSTATUSCODES", "8BITMIME"]
-        self.reply("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+        self.reply(_ehlo_reply(hostname, self.config.limits.max_message_size,
+                               tuple(self._extensions())))
 
     def _extensions(self) -> list[str]:
         """STARTTLS until TLS is on; AUTH only where a password may be sent."""
