@@ -46,7 +46,12 @@ def makeService(options: Options) -> IService:
     path = os.path.abspath(options["config"]) if options["config"] is not None else None
     reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
     observer = stdout_observer(getattr(options, "parent", None))
-    return top if observer is None else LoggingTo(top, observer)
+    service = top if observer is None else LoggingTo(top, observer)
+    if isinstance(getattr(options, "parent", None), ServerOptions):
+        from relaygw import gctune
+
+        gctune.tune()  # last: what start-up made is frozen
+    return service
 
 
 def _install_reactor() -> None:
