@@ -559,3 +559,20 @@ def test_a_line_after_the_reactor_stopped_writes_a_turn_that_never_came(
     observer(mail_event("Main loop terminated."))
     assert (out.writes, out.flushes) == (1, 1)
     assert out.getvalue().index("last turn") < out.getvalue().index("Main loop terminated.")
+
+
+def test_the_default_reactor_thread_check_agrees_with_twisteds() -> None:
+    import threading
+
+    from twisted.python import threadable
+
+    from relaygw.logs import _in_io_thread
+
+    saved = threadable.ioThread
+    try:
+        for io_thread in (threading.get_ident(), -1):
+            threadable.ioThread = io_thread
+            assert _in_io_thread() is threadable.isInIOThread()
+        assert _in_io_thread() is False
+    finally:
+        threadable.ioThread = saved

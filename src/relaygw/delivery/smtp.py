@@ -382,9 +382,10 @@ class SMTPRelayDeliverer:
         destination = self.destination(recipients[0])
         self._started(destination)
         keys = {hop: self.cache_key(hop, route, policy) for hop in hops}
-        # A hop with a session waiting goes first (Postfix looks its cache up by
-        # destination too); the order is otherwise the resolver's.
-        hops = sorted(hops, key=lambda hop: not self.cache.has(keys[hop]))
+        if len(hops) > 1:
+            # A hop with a session waiting goes first (Postfix looks its cache up
+            # by destination too); the order is otherwise the resolver's.
+            hops = sorted(hops, key=lambda hop: not self.cache.has(keys[hop]))
         last = DeliveryResult.deferred("451 4.4.4 No next hop to try", destination_failed=True)
         for hop in hops:
             session = _Session(self, hop, route, policy, envelope, message_path, size,
