@@ -308,7 +308,8 @@ class SMTPServerProtocol(Protocol):
                 self._error(replies.BARE_NEWLINE_COMMAND)
             else:
                 self._command(line[:-1])
-        self._finish_draining()
+        if self.draining:  # (shutting down: rare, so checked here first)
+            self._finish_draining()
         if self._busy and len(self._buffer) > PAUSE_BUFFER and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
@@ -327,7 +328,8 @@ class SMTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
             if not self.closing and not self._processing:
                 self._process()
-                self._finish_draining()
+                if self.draining:  # (shutting down: rare, so checked here first)
+                    self._finish_draining()
 
         d.addBoth(done)
 
