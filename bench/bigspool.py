@@ -248,7 +248,7 @@ def spool_phase(cfg: Settings) -> list[SpoolSample]:
               f"{sample.loaded:.2f}s, resumed at {sample.resumed:.2f}s ({sample.attempted} "
               f"attempted or parked), RSS {sample.rss_kib / 1024:.0f} MiB (peak "
               f"{sample.peak_kib / 1024:.0f}), idle CPU {sample.idle_cpu_percent:.2f}% of a "
-              f"core, stopped in {sample.stop:.1f}s", flush=True)
+              f"core, stopped in {sample.stop:.2f}s", flush=True)
     errors = server.errors()
     if errors:
         print(f"WARNING: relaygw logged {len(errors)} error line(s), e.g. {errors[0][:300]}")
@@ -270,7 +270,7 @@ def spool_table(samples: list[SpoolSample], messages: int) -> str:
            summary([s.rss_kib / 1024 for s in samples], ".0f"),
            summary([s.peak_kib / 1024 for s in samples], ".0f"),
            summary([s.idle_cpu_percent for s in samples], ".2f"),
-           summary([s.stop for s in samples], ".1f")]
+           summary([s.stop for s in samples], ".2f")]
     resumed = statistics.median(s.resumed for s in samples)
     rss = statistics.median(s.rss_kib / 1024 for s in samples)
     cpu = statistics.median(s.idle_cpu_percent for s in samples)

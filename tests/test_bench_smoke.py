@@ -109,5 +109,5 @@ def test_spool_table(output: str) -> None:
     messages, banner, loaded, resumed, attempted, rss, peak, idle_cpu, stop = numbers(row)
     assert messages == 2000 and attempted == 2000
     assert 0 < banner and 0 < loaded <= resumed
-    assert rss > 0 and peak >= rss and idle_cpu >= 0 and stop > 0
+    assert rss > 0 and peak >= rss and idle_cpu >= 0 and stop >= 0  # a quick exit prints 0.00
     assert notes and notes[0].startswith("targets (judged at 2000")
