@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -160,6 +160,13 @@ class LoseConnectionTests(TestCase):
         [peer_reason] = await server.lost  # type: ignore[attr-defined]
         self.assertTrue(peer_reason.check(ConnectionDone))
         self.assertEqual(server.data, b"221 first\r\nlate\r\n")
+
+    async def test_an_abort_before_the_close_is_reported_as_an_abort(self) -> None:
+        client, _ = await self.connected_pair()
+        lose_connection(client.transport)
+        client.transport.abortConnection()  # before the next turn's close
+        reason, _ = await client.lost
+        self.assertTrue(reason.check(ConnectionAborted))
 
     def test_other_transports_get_a_plain_lose_connection(self) -> None:
         transport = StringTransport()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from relaygw.reactor import RelayReactor, call_soon
+from relaygw.reactor import RelayReactor
+from relaygw.soon import call_soon
 
 
 class Reader(FileDescriptor):
@@ -218,6 +219,22 @@ def test_a_protocol_that_raises_on_a_tcp_read_is_logged_and_disconnected(
     assert [e for e in flush_logged_errors() if e.check(RuntimeError)]
 
 
+def test_a_transport_whose_read_was_replaced_goes_twisteds_way(
+        reactor: RelayReactor, accepted: tuple[Recorder, socket.socket]) -> None:
+    """An abort replaces doRead on the instance with a no-op: data that comes
+    before its connectionLost must not reach the protocol."""
+    protocol, client = accepted
+    [transport] = [r for r in reactor.getReaders() if getattr(r, "protocol", None) is protocol]
+    transport.abortConnection()
+    transport.startReading()  # registered again before the abort's connectionLost
+    client.sendall(b"too late\r\n")
+    reactor.doIteration(0.5)
+    assert protocol.data == []
+    reactor.runUntilCurrent()
+    [reason] = protocol.lost
+    assert reason.check(ConnectionAborted)
+
+
 def test_call_soon_runs_in_order_before_the_next_wait(reactor: RelayReactor) -> None:
     ran: list[str] = []
     reactor.call_soon(ran.append, "first")
@@ -269,6 +286,53 @@ def test_a_call_soon_that_raises_is_logged_and_the_others_still_run(
         globalLogPublisher.removeObserver(observer)
     assert ran == ["after"]
     assert [f.check(RuntimeError) for f in failures] == [RuntimeError]
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt])
+def test_a_call_soon_that_exits_is_logged_as_a_timed_call_would_be(
+        reactor: RelayReactor, error: type[BaseException]) -> None:
+    """Not the end of the turn's other calls (the log's write, a session's close)."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list[Failure] = []
+
+    def observer(event: dict[str, object]) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            failures.append(failure)
+
+    def leaving() -> None:
+        raise error()
+
+    ran: list[str] = []
+    globalLogPublisher.addObserver(observer)
+    try:
+        reactor.call_soon(leaving)
+        reactor.call_soon(ran.append, "after")
+        reactor.runUntilCurrent()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert ran == ["after"]
+    assert [f.check(error) for f in failures] == [error]
+
+
+NO_EPOLL = """
+import select
+for name in [n for n in dir(select) if n.startswith("EPOLL") or n == "epoll"]:
+    delattr(select, name)
+import relaygw.tap, relaygw.logs, relaygw.fastwrite, relaygw.smtpserver
+import relaygw.delivery.smtp, relaygw.service
+try:
+    import relaygw.reactor
+except ImportError:
+    print("imports without epoll; relaygw.reactor alone needs it")
+"""
+
+
+def test_everything_but_the_reactor_imports_without_epoll() -> None:
+    out = subprocess.run([sys.executable, "-c", NO_EPOLL], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "imports without epoll; relaygw.reactor alone needs it"
 
 
 def test_call_soon_falls_back_to_call_later_zero() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from twisted.internet import main, tcp
 from twisted.python.failure import Failure
 
-from relaygw.reactor import call_soon
+from relaygw.soon import call_soon
 
 # One Failure for every session closed here, as Twisted's own
 # ``protocol.connectionDone``: building one per session (and working out its
@@ -80,8 +80,8 @@ def lose_connection(transport: Any) -> None:
 
 
 def _close_if_flushed(transport: Any) -> None:
-    if not transport.connected:
-        return  # lost meanwhile (reset by the peer, aborted): Twisted has said so
+    if not transport.connected or getattr(transport, "_aborting", False):
+        return  # lost or aborted meanwhile: Twisted has said so, or will (aborted)
     if transport.dataBuffer or transport._tempDataBuffer:
         transport.startWriting()  # written meanwhile: Twisted's way, close once flushed
         return

@@ -33,8 +33,8 @@ from twisted.python import threadable
 from zope.interface import implementer
 
 from relaygw.envelope import Envelope
-from relaygw.reactor import call_soon
 from relaygw.scheduler import Event
+from relaygw.soon import call_soon
 
 
 class MailLog:

@@ -28,17 +28,19 @@ A plain read event on a TCP connection (``EPOLLIN`` alone, on a
 ``Connection._dataReceived`` do for it, in one frame instead of four (and
 without the ``fileno()`` check: a closed socket's ``recv`` fails and the
 connection is lost, as the check would have it). Six or more such events a
-relayed message; anything else (a hang-up, a write, a listening port)
-goes Twisted's way.
+relayed message; anything else (a hang-up, a write, a listening port, a
+transport whose ``doRead`` was replaced on the instance, as an abort and
+a connecting client do) goes Twisted's way.
 
 ``RelayReactor.call_soon(f, *args)`` is ``callLater(0, f, *args)`` for what
 must run after the current handler, before the reactor waits again (a turn's
 log lines, a session's close): a list, not a DelayedCall in the timer heap.
 A DelayedCall costs its object, a heap push and pop compared by a Python
 ``__lt__``, and a logging context around the call: about 20 Python calls each,
-twice per relayed message. ``call_soon(reactor, f, *args)`` picks it where the
-reactor has it and ``callLater(0)`` elsewhere (tests' ``Clock``, a reactor
-chosen with ``twistd -r``).
+twice per relayed message. ``relaygw.soon.call_soon(reactor, f, *args)`` (a
+module of its own, which imports without epoll) picks it where the reactor
+has it and ``callLater(0)`` elsewhere (tests' ``Clock``, a reactor chosen
+with ``twistd -r``).
 
 ``relaygw.tap.makeService`` calls ``install_if_none`` when twistd runs it, and
 it installs nothing if a reactor is installed already (``twistd -r poll``),
@@ -82,7 +84,7 @@ class RelayReactor(EPollReactor):
             for f, args in soon:
                 try:
                     f(*args)
-                except Exception:
+                except BaseException:  # as a timed call's: logged, and the rest still run
                     self._log.failure("while handling a call_soon call to {f!r}", f=f)
         super().runUntilCurrent()
 
@@ -108,7 +110,8 @@ class RelayReactor(EPollReactor):
             if selectable is None:
                 continue  # removed by an earlier event of this batch
             try:
-                if event == EPOLLIN and type(selectable) in _TCP_CONNECTIONS:
+                if (event == EPOLLIN and type(selectable) in _TCP_CONNECTIONS
+                        and "doRead" not in selectable.__dict__):
                     read_tcp(selectable)
                 else:
                     dispatch(selectable, fd, event)
@@ -144,15 +147,6 @@ class RelayReactor(EPollReactor):
 
 
 _TCP_CONNECTIONS = (tcp.Server, tcp.Client)
-
-
-def call_soon(reactor: Any, f: Callable[..., object], *args: Any) -> None:
-    """``reactor.call_soon(f, *args)`` on a RelayReactor, else ``callLater(0, ...)``."""
-    soon = getattr(reactor, "call_soon", None)
-    if soon is not None:
-        soon(f, *args)
-    else:
-        reactor.callLater(0, f, *args)
 
 
 def install_if_none() -> bool:
