@@ -215,6 +215,31 @@ def test_a_refused_rset_falls_back_to_a_new_connection_to_the_same_hop(
     assert len(second.messages) == 1
 
 
+def test_a_refused_rset_ends_the_session_at_once_even_if_the_server_says_no_more(
+        tmp_path: Path) -> None:
+    """The RSET's reply is checked as soon as it is in, not once the whole group
+    is: a server that refuses it and then answers nothing more does not hold the
+    message until the MAIL timeout."""
+    world = World(ReuseScript(rset="502 5.5.2 Error: command not recognized"), ReuseScript())
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+    first = world.servers[0]
+    real = first.command
+
+    def silent_after_rset(line: str) -> None:
+        if line.upper() == "RSET":
+            real(line)
+        else:
+            first.commands.append(line)  # heard, never answered
+
+    first.command = silent_after_rset  # type: ignore[method-assign]
+    d = world.deliver(envelope("b@example.test"), path)  # no clock advance
+    assert result_of(d) == [DeliveryResult.delivered(QUEUED, MX1)]
+    assert first.closed.called
+    assert len(first.messages) == 1
+    assert world.connections == 2
+
+
 def test_without_pipelining_rset_is_waited_for_before_mail(tmp_path: Path) -> None:
     world = World(ReuseScript(rset="421 4.4.2 mx.example.test idle too long",
                               extensions=["SIZE 1000000"]), ReuseScript())

@@ -657,23 +657,31 @@ class _Session:
                 replies = await self.proto.expect_replies(waits)
             else:
                 rset_reply, *replies = await self.proto.expect_replies(
-                    [(self.t.rset, "RSET"), *waits])
-                self._check_rset(rset_reply)
+                    [(self.t.rset, "RSET"), *waits], on_first=self._rset_answered)
+                if not any(isinstance(r, CancelledError) for r in replies):
+                    self._check_rset(rset_reply)
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
 
-    def _check_rset(self, reply: Reply | Exception) -> None:
-        """Unless the RSET sent ahead of this transaction was answered 250: abort the
-        session and raise _StaleSession (``run`` takes another). Nothing of the
-        message has gone yet: whatever the server made of MAIL, RCPT or DATA ends
-        with the connection. Its reply is one of the group's, so the transaction
-        wakes once for them all. Cancelled (shutdown), the group's other replies
-        are CancelledError too and its recipients are deferred as cut short."""
-        if isinstance(reply, CancelledError) or (isinstance(reply, Reply) and reply.code == 250):
+    def _rset_answered(self, reply: Reply | Exception) -> None:
+        """The RSET sent ahead of this transaction is answered (its reply comes
+        first of the group's): unless 250, abort the session now, before any of
+        the message is sent; whatever the server made of MAIL, RCPT or DATA ends
+        with the connection, and ``_check_rset`` then has ``run`` take another."""
+        if _rset_accepted(reply) or isinstance(reply, CancelledError):
             return
         self.clean = False
         self.proto.abort()
+
+    def _check_rset(self, reply: Reply | Exception) -> None:
+        """Once the group is in: _StaleSession unless the RSET was answered 250
+        (``_rset_answered`` has aborted the session already). Not when the group
+        was cut at shutdown: its recipients are then deferred as cut short."""
+        if _rset_accepted(reply):
+            return
+        self.clean = False
+        self.proto.abort()  # (done already, unless a cancel came first: a no-op then)
         self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
                                  remote=self.hop.label, error=reply)
         raise _StaleSession()
@@ -763,6 +771,10 @@ class _Session:
             return DeliveryResult.deferred(
                 f"451 4.4.2 {remote}: attempt cut short at shutdown", remote)
         return DeliveryResult.deferred(f"451 4.4.2 {remote}: {reply}", remote)
+
+
+def _rset_accepted(reply: Reply | Exception) -> bool:
+    return isinstance(reply, Reply) and reply.code == 250
 
 
 def _last_error(replies: list[Reply | Exception]) -> Exception:

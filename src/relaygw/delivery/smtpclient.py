@@ -236,12 +236,20 @@ Outcome = Reply | Exception  # a reply, or what stood in for it (a timeout, a lo
 class _Batch:
     """The replies to a group of pipelined commands, handed back in one list."""
 
-    __slots__ = ("deferred", "left", "outcomes")
+    __slots__ = ("deferred", "left", "on_first", "outcomes")
 
-    def __init__(self, deferred: Deferred[list[Outcome]], count: int) -> None:
+    def __init__(self, deferred: Deferred[list[Outcome]], count: int,
+                 on_first: Callable[[Outcome], None] | None = None) -> None:
         self.deferred = deferred
         self.outcomes: list[Outcome | None] = [None] * count
         self.left = count
+        self.on_first = on_first  # told the first outcome as soon as it is in
+
+    def fill(self, index: int, outcome: Outcome) -> None:
+        if index == 0 and self.on_first is not None:
+            self.on_first(outcome)
+        self.outcomes[index] = outcome
+        self.left -= 1
 
 
 @dataclass(slots=True)
@@ -346,24 +354,26 @@ class SMTPClientProtocol(Protocol):
         self._watch(now, now + timeout)
         return waiter
 
-    def expect_replies(self, waits: Sequence[tuple[float, str]]) -> Deferred[list[Outcome]]:
+    def expect_replies(self, waits: Sequence[tuple[float, str]],
+                       on_first: Callable[[Outcome], None] | None = None
+                       ) -> Deferred[list[Outcome]]:
         """The next ``len(waits)`` replies, each with its (timeout, what), in one list
         once all are in: a reply, or the error that stood in for it (a timeout, a
         lost connection). One wake-up for a pipelined group instead of one per
-        reply. Cancelled, it fires with CancelledError for those still awaited,
-        and the session ends (as for ``expect``)."""
+        reply. ``on_first`` is told the first outcome as soon as it is in (a
+        pipelined RSET's check, which may abort the session at once). Cancelled,
+        it fires with CancelledError for those still awaited, and the session
+        ends (as for ``expect``)."""
         d: Deferred[list[Outcome]] = Deferred(canceller=self._batch_cancelled)
-        batch = _Batch(d, len(waits))
+        batch = _Batch(d, len(waits), on_first)
         now = self._clock.seconds()
         earliest: float | None = None
         for index, (timeout, what) in enumerate(waits):
             if self._replies:
-                batch.outcomes[index] = self._replies.popleft()
-                batch.left -= 1
+                batch.fill(index, self._replies.popleft())
             elif self._lost is not None:
-                batch.outcomes[index] = SMTPConnectionLost(
-                    f"connection lost before the reply to {what}")
-                batch.left -= 1
+                batch.fill(index, SMTPConnectionLost(
+                    f"connection lost before the reply to {what}"))
             else:
                 deadline = now + timeout
                 self._waiters.append(_Waiter(None, deadline, timeout, what, batch, index))
@@ -393,8 +403,7 @@ class SMTPClientProtocol(Protocol):
             else:
                 waiter.deferred.errback(Failure(outcome))
             return
-        batch.outcomes[waiter.index] = outcome
-        batch.left -= 1
+        batch.fill(waiter.index, outcome)
         if not batch.left and not batch.deferred.called:
             batch.deferred.callback(batch.outcomes)  # type: ignore[arg-type]
 
