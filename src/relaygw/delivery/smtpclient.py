@@ -98,6 +98,7 @@ class DotStuffer:
     """
 
     _LINE_END = re.compile(rb"\r\n|\r|\n")
+    _LINE_DOT = re.compile(rb"\r\n\.")  # a regex finds it faster (relaygw.datareader)
 
     def __init__(self) -> None:
         self._at_line_start = True
@@ -122,7 +123,7 @@ class DotStuffer:
             chunk = self._LINE_END.sub(b"\r\n", chunk)
         out = chunk
         if b"." in chunk:
-            if b"\r\n." in chunk:
+            if self._LINE_DOT.search(chunk) is not None:
                 out = chunk.replace(b"\r\n.", b"\r\n..")
             if self._at_line_start and out.startswith(b"."):
                 out = b"." + out
