@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from relaygw.envelope import Envelope, Recipient
-from relaygw.interfaces import DeliveryResult, IDeliverer
+from relaygw.interfaces import DeliveryResult, IDeliverer, IInlineDeliverer
 from relaygw.journal import Journal
 from relaygw.spool import Spool
 
@@ -200,3 +200,24 @@ class FakeBouncer:
         self.bounces.append((envelope.id, [r.address for r in failed],
                              [r.last_error for r in failed]))
         return succeed(None)
+
+
+@implementer(IInlineDeliverer)
+class InlineFakeDeliverer(FakeDeliverer):
+    """A FakeDeliverer reached only through ``deliver_inline``; ``crash`` makes the
+    coroutine raise (a transport bug) instead of answering."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.crash: Exception | None = None
+
+    def deliver(self, envelope: Envelope, message_path: Path,
+                recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
+        raise AssertionError("an inline transport is awaited, not called for a Deferred")
+
+    async def deliver_inline(self, envelope: Envelope, message_path: Path,
+                             recipients: list[Recipient]) -> list[DeliveryResult]:
+        d = super().deliver(envelope, message_path, recipients)
+        if self.crash is not None:
+            raise self.crash
+        return await d

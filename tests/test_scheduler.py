@@ -12,7 +12,14 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from core_fakes import FakeBouncer, FakeDeliverer, queue_message, recipient, sync_run
+from core_fakes import (
+    FakeBouncer,
+    FakeDeliverer,
+    InlineFakeDeliverer,
+    queue_message,
+    recipient,
+    sync_run,
+)
 from relaygw.config import QueueConfig
 from relaygw.envelope import Envelope, Recipient, RecipientState
 from relaygw.interfaces import DeliveryResult
@@ -25,12 +32,15 @@ FAIL = DeliveryResult.failed("550 5.1.1 no such user", remote="mx.dst.test")
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, *, hold: bool = False, **queue: object) -> None:
+    def __init__(self, tmp_path: Path, *, hold: bool = False, inline: bool = False,
+                 **queue: object) -> None:
+        """``inline``: the relay transport is awaited as a coroutine (as the SMTP
+        relay is: IInlineDeliverer), not called for a Deferred."""
         self.clock = Clock()
         self.directory = tmp_path / "spool"
         self.spool = Spool(self.directory, sync_run)
         self.spool.prepare()
-        self.relay = FakeDeliverer(self.clock, hold=hold)
+        self.relay = (InlineFakeDeliverer if inline else FakeDeliverer)(self.clock, hold=hold)
         self.local = FakeDeliverer(self.clock, hold=hold, fixed_destination="local")
         self.bouncer = FakeBouncer()
         self.events: list[Event] = []
@@ -64,6 +74,12 @@ class Harness:
 
     def stored(self, envelope: Envelope) -> Envelope:
         return self.spool.load(envelope.id)
+
+
+def slots_all_free(h: Harness) -> bool:
+    scheduler = h.scheduler
+    return (scheduler._global.tokens == scheduler._global.limit
+            and not scheduler._global.waiting and scheduler._per_destination == {})
 
 
 @pytest.fixture
@@ -376,8 +392,9 @@ def test_stop_waits_for_attempts_in_flight(tmp_path: Path) -> None:
     assert h.on_disk() == [f"{later.id}.q"]  # the later message stays queued for the next start
 
 
-def test_stop_starts_no_delivery_still_waiting_for_a_slot(tmp_path: Path) -> None:
-    h = Harness(tmp_path, hold=True, concurrency=1)
+@pytest.mark.parametrize("inline", [False, True])
+def test_stop_starts_no_delivery_still_waiting_for_a_slot(tmp_path: Path, inline: bool) -> None:
+    h = Harness(tmp_path, hold=True, concurrency=1, inline=inline)
     h.scheduler.start()
     h.queue("a@x.test")
     waiting = h.queue("b@y.test")
@@ -397,6 +414,7 @@ def test_stop_starts_no_delivery_still_waiting_for_a_slot(tmp_path: Path) -> Non
     assert (b.state, b.attempts, b.last_error) == (RecipientState.QUEUED, 0, None)
     [c] = h.stored(retried).recipients
     assert (c.state, c.attempts, c.last_error) == (RecipientState.DEFERRED, 2, DEFER.reply)
+    assert slots_all_free(h)  # the unstarted groups gave back what they held
     scheduler = h.new_scheduler()
     h.relay.hold = False
     scheduler.start(Spool(h.directory, sync_run).recover())

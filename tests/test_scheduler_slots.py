@@ -3,59 +3,27 @@
 ``Slots.take`` hands a free slot over without a Deferred; an
 ``IInlineDeliverer`` (the SMTP relay) is awaited by the scheduler's own
 coroutine. Both must keep the limits, the release of every slot on every
-way out, and stop()'s "start nothing more" exactly as the Deferred path did
-(tests/test_scheduler.py runs that path with a plain FakeDeliverer).
+way out, exactly as the Deferred path did (tests/test_scheduler.py runs
+that path with a plain FakeDeliverer, and stop() with both kinds).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
-from zope.interface import implementer
 
-from core_fakes import FakeDeliverer
-from relaygw.envelope import Envelope, Recipient, RecipientState
-from relaygw.interfaces import DeliveryResult, IInlineDeliverer
+from relaygw.envelope import RecipientState
+from relaygw.interfaces import DeliveryResult
 from relaygw.scheduler import Slots
-from test_scheduler import Harness
-
-
-@implementer(IInlineDeliverer)
-class InlineFakeDeliverer(FakeDeliverer):
-    """A FakeDeliverer reached only through ``deliver_inline``; ``crash`` makes the
-    coroutine raise (a transport bug) instead of answering."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.crash: Exception | None = None
-
-    def deliver(self, envelope: Envelope, message_path: Path,
-                recipients: list[Recipient]) -> Deferred[list[DeliveryResult]]:
-        raise AssertionError("an inline transport is awaited, not called for a Deferred")
-
-    async def deliver_inline(self, envelope: Envelope, message_path: Path,
-                             recipients: list[Recipient]) -> list[DeliveryResult]:
-        d = super().deliver(envelope, message_path, recipients)
-        if self.crash is not None:
-            raise self.crash
-        return await d
+from test_scheduler import Harness, slots_all_free
 
 
 def inline_harness(tmp_path: Path, **queue: object) -> Harness:
-    h = Harness(tmp_path, **queue)  # type: ignore[arg-type]
-    h.relay = InlineFakeDeliverer(h.clock, hold=h.relay.hold)
-    h.scheduler = h.new_scheduler()
+    h = Harness(tmp_path, inline=True, **queue)  # type: ignore[arg-type]
     h.scheduler.start()
     return h
-
-
-def slots_all_free(h: Harness) -> bool:
-    scheduler = h.scheduler
-    return (scheduler._global.tokens == scheduler._global.limit
-            and not scheduler._global.waiting and scheduler._per_destination == {})
 
 
 # --- Slots ----------------------------------------------------------------------
@@ -142,18 +110,28 @@ def test_inline_attempts_keep_the_limits(tmp_path: Path, limits: dict[str, int],
     assert slots_all_free(h)
 
 
-def test_stop_starts_no_inline_attempt_still_waiting_for_a_slot(tmp_path: Path) -> None:
-    h = inline_harness(tmp_path, hold=True, concurrency=1)
-    h.queue("a@x.test")
-    waiting = h.queue("b@y.test")
-    h.advance()
-    [call] = h.relay.in_flight
-    stopped = h.scheduler.stop()
-    fired: list[object] = []
-    stopped.addBoth(fired.append)
-    call.finish()
-    assert len(h.relay.calls) == 1
-    assert len(fired) == 1
-    [b] = h.stored(waiting).recipients
-    assert (b.state, b.attempts) == (RecipientState.QUEUED, 0)
-    assert slots_all_free(h)
+
+def test_a_slot_holder_closed_unfinished_wakes_nobody(tmp_path: Path) -> None:
+    """At exit, attempts still in flight or waiting for a slot are garbage; the
+    collector closes their coroutines in no set order. One that held slots must
+    not hand them on as it closes: the waiter it would wake may be garbage (a
+    closed coroutine, which then crashes) or must not start now anyway."""
+    h = inline_harness(tmp_path, per_destination=1)
+    scheduler = h.scheduler
+    started: list[str] = []
+
+    async def held_forever() -> list[DeliveryResult]:
+        started.append("first")
+        return await Deferred()
+
+    async def second() -> list[DeliveryResult]:
+        started.append("second")
+        return []
+
+    holder = scheduler._in_slots("x.test", held_forever)
+    Deferred.fromCoroutine(holder)
+    Deferred.fromCoroutine(scheduler._in_slots("x.test", second))
+    assert started == ["first"]
+    holder.close()  # what the collector does to an unfinished coroutine
+    assert started == ["first"]  # the waiter was not woken
+    assert len(scheduler._per_destination["x.test"].waiting) == 1

@@ -755,21 +755,33 @@ class Scheduler:
         if per_destination is None:
             per_destination = Slots(self.config.per_destination)
             self._per_destination[destination] = per_destination
-        wait = per_destination.take()
-        if wait is not None:
-            await wait  # cancelled, it holds no slot: acquire's canceller dropped it
+        # Each slot is released once held (a wait cancelled holds none: acquire's
+        # canceller dropped it), unless this coroutine is closed unfinished
+        # (GeneratorExit: garbage collected, as at exit with attempts still in
+        # flight): waking the next waiter then would resume a coroutine that may
+        # be garbage too, and have it crash.
+        held_local = held_global = False
         try:
+            wait = per_destination.take()
+            if wait is not None:
+                await wait
+            held_local = True
             wait = self._global.take()
             if wait is not None:
                 await wait
-            try:
-                return await start()
-            finally:
-                self._global.release()
+            held_global = True
+            return await start()
+        except GeneratorExit:
+            held_local = held_global = False
+            raise
         finally:
-            per_destination.release()
-            if not per_destination.waiting and per_destination.tokens == per_destination.limit:
-                self._per_destination.pop(destination, None)
+            if held_global:
+                self._global.release()
+            if held_local:
+                per_destination.release()
+                if (not per_destination.waiting
+                        and per_destination.tokens == per_destination.limit):
+                    self._per_destination.pop(destination, None)
 
     # --- dead destinations ---------------------------------------------------------
 
