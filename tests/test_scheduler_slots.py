@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from relaygw.envelope import RecipientState
 from relaygw.interfaces import DeliveryResult
-from relaygw.scheduler import Slots
+from relaygw.scheduler import Slots, _Destination
 from test_scheduler import Harness, slots_all_free
 
 
@@ -111,11 +111,14 @@ def test_inline_attempts_keep_the_limits(tmp_path: Path, limits: dict[str, int],
 
 
 
-def test_a_slot_holder_closed_unfinished_wakes_nobody(tmp_path: Path) -> None:
+def test_a_slot_holder_closed_unfinished_gives_its_slots_back_next_turn(
+        tmp_path: Path) -> None:
     """At exit, attempts still in flight or waiting for a slot are garbage; the
     collector closes their coroutines in no set order. One that held slots must
-    not hand them on as it closes: the waiter it would wake may be garbage (a
-    closed coroutine, which then crashes) or must not start now anyway."""
+    not hand them on from inside the collector (the waiter it would wake may be
+    a closed coroutine, which then crashes), nor lose them (a transport that
+    dropped a Deferred would block its destination for good): they come back
+    on the reactor's next turn."""
     h = inline_harness(tmp_path, per_destination=1)
     scheduler = h.scheduler
     started: list[str] = []
@@ -133,5 +136,29 @@ def test_a_slot_holder_closed_unfinished_wakes_nobody(tmp_path: Path) -> None:
     Deferred.fromCoroutine(scheduler._in_slots("x.test", second))
     assert started == ["first"]
     holder.close()  # what the collector does to an unfinished coroutine
-    assert started == ["first"]  # the waiter was not woken
+    assert started == ["first"]  # the waiter was not woken from inside it
     assert len(scheduler._per_destination["x.test"].waiting) == 1
+    h.advance()  # the next turn (at exit it never comes)
+    assert started == ["first", "second"]  # the slots were given back, not lost
+    assert slots_all_free(h)
+
+
+def test_a_probe_closed_unfinished_gives_its_verdict_next_turn(tmp_path: Path) -> None:
+    """The same for a group probing a destination that was dead: the groups
+    waiting for its verdict hear it on the next turn, not from inside the
+    collector, and the destination is not left probing for good."""
+    h = inline_harness(tmp_path, hold=True)
+    scheduler = h.scheduler
+    probed = _Destination(failures=1, dead_until=-1.0, last_error="451 4.4.1 down")
+    scheduler._destinations["x.test"] = probed  # its dead time is over: the next group probes
+    envelope = h.queue("u@x.test", enqueue=False)
+    group = scheduler._group(envelope, "relay", "x.test", envelope.recipients)
+    Deferred.fromCoroutine(group)
+    assert probed.probing and len(h.relay.in_flight) == 1
+    heard: list[object] = []
+    probed.verdict().addCallback(heard.append)
+    group.close()  # what the collector does to an unfinished coroutine
+    assert heard == []
+    h.advance()
+    assert heard == [None]
+    assert not probed.probing

@@ -62,6 +62,7 @@ from relaygw.interfaces import (
     IInlineDeliverer,
     Status,
 )
+from relaygw.soon import call_soon
 from relaygw.spool import Spool
 
 Bouncer = Callable[[Envelope, list[Recipient]], Deferred[object]]
@@ -137,6 +138,13 @@ class Slots:
             self.tokens -= 1
             return None
         return self.acquire()
+
+    def release_later(self, clock: IReactorTime) -> None:
+        """Give a slot back, its waiters served on the reactor's next turn: for a
+        holder closed unfinished by the garbage collector, which must not resume
+        other coroutines from inside the collector (at exit the turn never comes)."""
+        self.tokens += 1
+        call_soon(clock, self._hand_out)
 
     def _cancel(self, d: Deferred[None]) -> None:
         self.waiting.remove(d)
@@ -737,6 +745,13 @@ class Scheduler:
                     return await self._in_slots(destination, start)
                 except _AwaitProbe as e:
                     await e.verdict
+        except GeneratorExit:
+            # Closed unfinished by the collector (see _in_slots): the groups
+            # waiting for this probe's verdict hear it on the next turn.
+            if probe is not None:
+                call_soon(self.clock, probe.probe_done)
+                probe = None
+            raise
         finally:
             handed_over()
             if probe is not None:
@@ -756,10 +771,11 @@ class Scheduler:
             per_destination = Slots(self.config.per_destination)
             self._per_destination[destination] = per_destination
         # Each slot is released once held (a wait cancelled holds none: acquire's
-        # canceller dropped it), unless this coroutine is closed unfinished
-        # (GeneratorExit: garbage collected, as at exit with attempts still in
-        # flight): waking the next waiter then would resume a coroutine that may
-        # be garbage too, and have it crash.
+        # canceller dropped it). A coroutine closed unfinished (GeneratorExit:
+        # garbage collected, at exit with attempts still in flight, or after a
+        # transport dropped a Deferred) gives its slots back for the next turn:
+        # waking a waiter from inside the collector would resume a coroutine
+        # that may be garbage too, and have it crash.
         held_local = held_global = False
         try:
             wait = per_destination.take()
@@ -772,6 +788,10 @@ class Scheduler:
             held_global = True
             return await start()
         except GeneratorExit:
+            if held_global:
+                self._global.release_later(self.clock)
+            if held_local:
+                per_destination.release_later(self.clock)
             held_local = held_global = False
             raise
         finally:
