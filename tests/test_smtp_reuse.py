@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.test.iosim import ConnectionCompleter, IOPump
@@ -21,7 +21,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 from core_fakes import queue_message, recipient, sync_run
 from relaygw.config import Config, QueueConfig, parse_config
 from relaygw.delivery.smtp import IDLE_TIMEOUT, ConnectionCache, IdleSession, SMTPRelayDeliverer
-from relaygw.delivery.smtpclient import SMTPClientProtocol, Timeouts
+from relaygw.delivery.smtpclient import Reply, SMTPClientProtocol, Timeouts
 from relaygw.dns import Hop, NextHopResolver, NXDomain, lookup_failed
 from relaygw.envelope import Envelope
 from relaygw.interfaces import DeliveryResult, IBacklogAware, Status
@@ -238,6 +238,32 @@ def test_a_refused_rset_ends_the_session_at_once_even_if_the_server_says_no_more
     assert first.closed.called
     assert len(first.messages) == 1
     assert world.connections == 2
+
+
+def test_a_cut_after_a_refused_rset_defers_whatever_the_server_said_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On plain TCP an abort leaves the replies already read to be handed out: a
+    server that refused the RSET (so never reset) may answer the MAIL 503. If
+    shutdown cuts the group before the abort's connectionLost, the recipients
+    are deferred as cut short, not failed on that 503."""
+    world = World()
+    path = message(tmp_path)
+    world.delivered(envelope("a@example.test"), path)
+
+    def group_as_read(proto: SMTPClientProtocol, waits: Any,
+                      on_first: Any = None) -> Deferred[list[Any]]:
+        outcomes = [Reply(502, ("5.5.2 Error: command not recognized",)),
+                    Reply(503, ("5.5.1 Error: nested MAIL command",)),
+                    CancelledError(), CancelledError()]
+        assert len(waits) == len(outcomes)  # RSET, MAIL, RCPT, DATA
+        if on_first is not None:
+            on_first(outcomes[0])
+        return succeed(outcomes)
+
+    monkeypatch.setattr(SMTPClientProtocol, "expect_replies", group_as_read)
+    [result] = result_of(world.deliver(envelope("b@example.test"), path))
+    assert result.status is Status.DEFERRED
+    assert result.reply == f"451 4.4.2 {MX1}: attempt cut short at shutdown"
 
 
 def test_without_pipelining_rset_is_waited_for_before_mail(tmp_path: Path) -> None:

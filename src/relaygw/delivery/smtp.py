@@ -658,8 +658,12 @@ class _Session:
             else:
                 rset_reply, *replies = await self.proto.expect_replies(
                     [(self.t.rset, "RSET"), *waits], on_first=self._rset_answered)
-                if not any(isinstance(r, CancelledError) for r in replies):
-                    self._check_rset(rset_reply)
+                if not _rset_accepted(rset_reply):
+                    if not any(isinstance(r, CancelledError) for r in replies):
+                        self._check_rset(rset_reply)  # raises _StaleSession
+                    # Cut at shutdown after a refused RSET: nothing the server
+                    # said after it counts (it may answer MAIL 503, never reset).
+                    replies = [CancelledError() for _ in replies]
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
@@ -676,12 +680,11 @@ class _Session:
 
     def _check_rset(self, reply: Reply | Exception) -> None:
         """Once the group is in: _StaleSession unless the RSET was answered 250
-        (``_rset_answered`` has aborted the session already). Not when the group
-        was cut at shutdown: its recipients are then deferred as cut short."""
+        (``_rset_answered`` has aborted the session already). Not called when the
+        group was cut at shutdown: its recipients are then deferred as cut short."""
         if _rset_accepted(reply):
             return
         self.clean = False
-        self.proto.abort()  # (done already, unless a cancel came first: a no-op then)
         self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
                                  remote=self.hop.label, error=reply)
         raise _StaleSession()
