@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relaygw.datareader import DataError, DataReader
+from relaygw.delivery.smtpclient import DotStuffer
 
 MAX_LINE = 1000
 
@@ -401,3 +402,25 @@ def test_block_scanning_agrees_with_a_line_by_line_reading(parts: list[bytes],
     if not error:
         assert stored == expected
         assert reader.received_headers == received
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PARTS), max_size=40), st.data())
+def test_dotted_says_whether_the_message_needs_stuffing_to_be_relayed(
+        parts: list[bytes], data: st.DataObject) -> None:
+    """For accepted DATA, ``dotted`` is True exactly when some line started with a
+    dot; when it is False the stored message, sent as it is, is exactly what
+    dot-stuffing would send (what lets a cached message skip it: WireReady)."""
+    stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=6)))
+    pieces = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    reader, stored, _ = run(pieces, max_line=12)
+    finished, _, error, _, _ = reference(stream, 12)
+    if not finished or error:
+        return  # refused: never queued, never relayed
+    end = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    raw_lines = stream[:end].split(b"\r\n")[:-1]
+    assert reader.dotted == any(line.startswith(b".") for line in raw_lines)
+    if not reader.dotted:
+        stuffer = DotStuffer()
+        assert stuffer.encode(stored) + stuffer.finish() == stored + b".\r\n"

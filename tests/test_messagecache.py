@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from core_fakes import FailingOS, queue_message, recipient, sync_run
 from relaygw.envelope import Envelope
-from relaygw.messagecache import MessageCache
+from relaygw.messagecache import MessageCache, WireReady
 from relaygw.spool import BUFFER_LIMIT, Spool
 
 
@@ -99,3 +99,21 @@ def test_removal_drops_the_cached_copy(tmp_path: Path) -> None:
     spool.remove(envelope.id)
     assert spool.cache.get(envelope.id) is None
     assert spool.cache.size == 0
+
+
+def test_only_what_the_data_reader_vouched_for_opens_wire_ready() -> None:
+    cache = MessageCache(limit=100)
+    cache.put("A", b"plain\r\n")
+    cache.put("B", b"ready\r\n", wire_ready=True)
+    assert not isinstance(cache.open("A"), WireReady)
+    assert isinstance(cache.open("B"), WireReady)
+    cache.discard("B")
+    cache.put("B", b"again\r\n")  # the same id, put again without the word
+    assert not isinstance(cache.open("B"), WireReady)
+
+
+def test_an_entry_pushed_out_forgets_it_was_wire_ready() -> None:
+    cache = MessageCache(limit=10)
+    cache.put("A", b"12345678", wire_ready=True)
+    cache.put("B", b"12345678")  # A goes
+    assert cache.open("A") is None and cache._wire_ready == set()

@@ -45,6 +45,7 @@ from relaygw.delivery.smtpclient import (
 from relaygw.dns import Answer, Hop, NextHopResolver, NXDomain, lookup_failed
 from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer, Status
+from relaygw.messagecache import WireReady
 from relaygw.spool import Spool
 
 MX_PORT = 2525
@@ -1067,6 +1068,35 @@ def test_a_short_message_taken_whole_by_send_is_done_at_once(
     producer.start()
     assert producer.done.called and transport.producer is None
     assert transport.value() == b""  # all of it went by send(), none buffered
+
+
+@pytest.mark.parametrize(("message", "wire"), [
+    (b"Subject: hi\r\n\r\nbody\r\n", b"Subject: hi\r\n\r\nbody\r\n.\r\n"),
+    (b"", b".\r\n"),
+    (b"no final line end", b"no final line end\r\n.\r\n"),
+])
+@pytest.mark.parametrize("takes", [None, 3], ids=["all-at-once", "partly"])
+def test_a_wire_ready_message_goes_out_as_it_is(
+        monkeypatch: pytest.MonkeyPatch, message: bytes, wire: bytes, takes: int | None) -> None:
+    """A cached message the DATA reader found CRLF-only with no leading dot
+    (WireReady) skips the dot-stuffing scan and ends the DATA as stuffing would."""
+    sent: list[bytes] = []
+
+    def send(transport: object, data: bytes) -> int:
+        taken = len(data) if takes is None else min(takes, len(data))
+        sent.append(data[:taken])
+        return taken
+
+    monkeypatch.setattr(smtpclient, "send_directly", send)
+    monkeypatch.setattr(smtpclient.DotStuffer, "encode",
+                        lambda self, chunk: pytest.fail("a wire-ready message was scanned"))
+    transport = StringTransport()
+    producer = MessageProducer(WireReady(message), transport)
+    producer.start()
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+    assert producer.done.called
+    assert b"".join(sent) + transport.value() == wire
 
 
 def test_what_send_did_not_take_is_written_and_done_waits_for_the_drain(

@@ -24,6 +24,7 @@ from twisted.internet.testing import StringTransport
 
 from core_fakes import open_fds
 from relaygw import replies
+from relaygw.messagecache import WireReady
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
 from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
 from support import (
@@ -456,6 +457,23 @@ def test_dot_unstuffing(gateway: FakeGateway) -> None:
     body = b"..x\r\n...\r\n..\r\nx.\r\n. .\r\nend\r\n"
     lines = session.send(transaction(body))
     assert body_of(gateway, queued_id(lines[-1])) == b".x\r\n..\r\n.\r\nx.\r\n .\r\nend\r\n"
+
+
+@pytest.mark.parametrize(("body", "wire_ready"), [
+    (b"Subject: x\r\n\r\nno line starts with a dot.\r\n", True),
+    (b"Subject: x\r\n\r\n..a stuffed dot\r\n", False),
+    (b".unstuffed, as some clients send it\r\n", False),
+])
+def test_data_without_a_leading_dot_is_cached_wire_ready(
+        gateway: FakeGateway, body: bytes, wire_ready: bool) -> None:
+    """Relayed from the cache, a message with no line starting with a dot skips the
+    dot-stuffing scan (WireReady); any leading dot, stuffed or not, keeps it. (The
+    journal's commit passes the word on too: tests/test_spool_journal.py.)"""
+    session = greet(gateway)
+    queue_id = queued_id(session.send(transaction(body))[-1])
+    cached = gateway.spool.cache.open(queue_id)
+    assert cached is not None
+    assert isinstance(cached, WireReady) is wire_ready
 
 
 def test_8bit_data_is_kept(gateway: FakeGateway) -> None:

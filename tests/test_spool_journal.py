@@ -17,6 +17,7 @@ from relaygw import journalconvert
 from relaygw import spool as spool_module
 from relaygw.envelope import Envelope, RecipientState
 from relaygw.journal import Journal, live_messages, segment_name, segment_numbers
+from relaygw.messagecache import WireReady
 from relaygw.spool import BUFFER_LIMIT, Spool
 from support import ManualRunner
 
@@ -361,3 +362,17 @@ def test_conversion_without_a_journal_opens_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "not-yet", sync_run)
     assert spool.convert_journal() == 0
     assert spool._directory_fd is None
+
+
+@pytest.mark.parametrize("wire_ready", [True, False])
+def test_a_journaled_commit_caches_what_the_data_reader_vouched_for(
+        tmp_path: Path, wire_ready: bool) -> None:
+    spool = journaled_spool(tmp_path / "spool")
+    incoming = spool.open_incoming()
+    incoming.write(b"Subject: hi\r\n\r\nbody\r\n")
+    incoming.wire_ready = wire_ready
+    envelope = Envelope(id=incoming.id, sender="s@src.test",
+                        recipients=[recipient("a@dst.test")], received=0.0)
+    spool.commit(incoming, envelope)
+    assert incoming.id in spool.journaled
+    assert isinstance(spool.cache.open(incoming.id), WireReady) is wire_ready

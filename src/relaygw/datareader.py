@@ -53,6 +53,10 @@ class DataReader:
         self.error: DataError | None = None
         self.write_error: OSError | None = None
         self.finished = False
+        # Whether any line of the DATA started with a dot. When none did (and the
+        # DATA was accepted: CRLF only), the message needs no dot-stuffing to be
+        # relayed (``relaygw.messagecache.WireReady``).
+        self.dotted = False
         self._buffer = bytearray()
         self._line_start_after_crlf = True  # the first line follows the 354's CRLF
         self._midline = False  # the buffer's head is the rest of an over-long line
@@ -116,8 +120,10 @@ class DataReader:
             return
         if b"." in block:
             if _LINE_DOT.search(block) is not None:
+                self.dotted = True
                 block = block.replace(b"\n.", b"\n")
             if first_is_line_start and block.startswith(b"."):
+                self.dotted = True
                 block = block[1:]
         # Raw lengths first; a stuffing dot may make a line one longer than it is,
         # so over the limit, measure unstuffed: each piece is a line's text and its CR.

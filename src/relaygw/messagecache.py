@@ -20,24 +20,36 @@ from collections import OrderedDict
 DEFAULT_LIMIT = 16 * 1024 * 1024  # bytes of message text held at most
 
 
+class WireReady(io.BytesIO):
+    """A cached message known to be CRLF-only with no line starting with a dot:
+    the DATA reader accepted it and saw no leading dot (``DataReader.dotted``),
+    and the ``Received:`` line put before it has none. It goes out as it is,
+    without the dot-stuffing scan (``MessageProducer``)."""
+
+
 class MessageCache:
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
         self.size = 0  # bytes held
         self._messages: OrderedDict[str, bytes] = OrderedDict()
+        self._wire_ready: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._messages)
 
-    def put(self, queue_id: str, message: bytes) -> None:
-        """Keep ``message``, dropping the oldest entries to stay under the limit."""
+    def put(self, queue_id: str, message: bytes, wire_ready: bool = False) -> None:
+        """Keep ``message``, dropping the oldest entries to stay under the limit;
+        ``wire_ready``: see ``WireReady`` (only the DATA reader can say so)."""
         if len(message) > self.limit:
             return
         self.discard(queue_id)
         self._messages[queue_id] = message
+        if wire_ready:
+            self._wire_ready.add(queue_id)
         self.size += len(message)
         while self.size > self.limit:
-            _, dropped = self._messages.popitem(last=False)
+            dropped_id, dropped = self._messages.popitem(last=False)
+            self._wire_ready.discard(dropped_id)
             self.size -= len(dropped)
 
     def get(self, queue_id: str) -> bytes | None:
@@ -46,9 +58,12 @@ class MessageCache:
     def open(self, queue_id: str) -> io.BytesIO | None:
         """The cached message as a file to read, or None when it is not cached."""
         message = self._messages.get(queue_id)
-        return None if message is None else io.BytesIO(message)
+        if message is None:
+            return None
+        return WireReady(message) if queue_id in self._wire_ready else io.BytesIO(message)
 
     def discard(self, queue_id: str) -> None:
         message = self._messages.pop(queue_id, None)
         if message is not None:
             self.size -= len(message)
+            self._wire_ready.discard(queue_id)

@@ -536,6 +536,8 @@ class SMTPServerProtocol(Protocol):
             self._reject("DATA", refusal[0], refusal[1], sender=transaction.sender,
                          recipient=",".join(transaction.given))
             return
+        # Our Received: line starts no line with a dot either.
+        incoming.wire_ready = not reader.dotted
         envelope = Envelope(id=incoming.id, sender=transaction.sender,
                             recipients=transaction.recipients,
                             received=self.gateway.clock.seconds(),

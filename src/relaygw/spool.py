@@ -142,6 +142,9 @@ class Incoming:
         self.fd: int | None = None
         self.named = False  # the file is temp_path, not an unnamed one
         self.whole: bytes | None = None  # the message, when it was never flushed early
+        # Set by the SMTP server for DATA with no line starting with a dot: cached,
+        # the message is relayed without the dot-stuffing scan (messagecache.WireReady).
+        self.wire_ready = False
         self.size = 0
         self._buffer = bytearray()
         self.closed = False
@@ -445,17 +448,19 @@ class Spool:
             del incoming._buffer[:]
             incoming.closed = True
             d = self.journal.append_message(incoming.id, envelope.to_bytes(), message)
-            return d.addCallback(self._journal_committed, incoming.id, message)
+            return d.addCallback(self._journal_committed, incoming.id, message,
+                                 incoming.wire_ready)
         d = self.run_blocking(self._commit, incoming, envelope.to_bytes())
         return d.addCallback(self._cache_committed, incoming)
 
-    def _journal_committed(self, location: Location, queue_id: str, message: bytes) -> None:
+    def _journal_committed(self, location: Location, queue_id: str, message: bytes,
+                           wire_ready: bool) -> None:
         self.journaled[queue_id] = location
-        self.cache.put(queue_id, message)
+        self.cache.put(queue_id, message, wire_ready)
 
     def _cache_committed(self, result: None, incoming: Incoming) -> None:
         if incoming.whole is not None:
-            self.cache.put(incoming.id, incoming.whole)
+            self.cache.put(incoming.id, incoming.whole, incoming.wire_ready)
             incoming.whole = None
         return result
 

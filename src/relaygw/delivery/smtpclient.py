@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw.fastwrite import send_directly, write_now
+from relaygw.messagecache import WireReady
 
 CHUNK_SIZE = 64 * 1024
 
@@ -141,6 +142,25 @@ class DotStuffer:
         return tail + b".\r\n"
 
 
+class AsItIs:
+    """DotStuffer's interface for a message known CRLF-only with no line
+    starting with a dot (``relaygw.messagecache.WireReady``): the bytes go out
+    as they are, and ``finish`` adds what ends the DATA."""
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last two bytes sent
+
+    def encode(self, chunk: bytes) -> bytes:
+        if chunk:
+            self._tail = (self._tail + chunk[-2:])[-2:]
+        return chunk
+
+    def finish(self) -> bytes:
+        if self._tail and self._tail != b"\r\n":
+            return b"\r\n.\r\n"
+        return b".\r\n"
+
+
 @implementer(IPullProducer)
 class MessageProducer:
     """Streams a message file, dot-stuffed, with backpressure from the transport.
@@ -157,7 +177,8 @@ class MessageProducer:
         self._transport = transport
         self._on_progress = on_progress
         self._chunk_size = chunk_size
-        self._stuffer = DotStuffer()
+        self._stuffer: DotStuffer | AsItIs = (
+            AsItIs() if isinstance(source, WireReady) else DotStuffer())
         self.done: Deferred[None] = Deferred()
         self._finished = False
         self._read_ahead: deque[bytes] = deque()  # chunks start() read, not yet encoded
