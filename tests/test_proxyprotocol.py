@@ -71,3 +71,23 @@ def test_header_cancels_the_timer() -> None:
     wrapper, _recorder, _transport, clock = connect()
     wrapper.dataReceived(HEADER)
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 192.0.2.7\n.\nX 127.0.0.1 40000 25\r\n",  # v1 splits at spaces only
+    b"PROXY TCP4 mail.example 127.0.0.1 40000 25\r\n",
+    b"PROXY TCP4 192.0.2.7 127.0.0.1\r\nX 40000 25\r\n",
+], ids=["bare LF and a dot line", "a name", "CRLF inside"])
+def test_a_header_whose_address_is_not_an_ip_is_dropped(header: bytes) -> None:
+    """Its host would go into the Received: line and the mail log as it is."""
+    wrapper, recorder, transport, _ = connect()
+    wrapper.dataReceived(header + b"EHLO x\r\n")
+    assert transport.disconnected or transport.disconnecting
+    assert recorder.peer_at_start is None
+
+
+def test_an_ipv6_header_with_a_scope_is_taken() -> None:
+    wrapper, recorder, transport, _ = connect()
+    wrapper.dataReceived(b"PROXY TCP6 fe80::1%eth0 ::1 40000 25\r\nEHLO x\r\n")
+    assert recorder.peer_at_start is not None and recorder.peer_at_start.host == "fe80::1%eth0"
+    assert not transport.disconnecting

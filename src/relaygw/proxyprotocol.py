@@ -15,6 +15,7 @@ twisted.protocols.haproxy, pinned by tests/test_proxyprotocol.py).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
@@ -75,6 +76,10 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
             return
         if self._proxyInfo is None:
             return
+        if not (_plain_address(self._proxyInfo.source)
+                and _plain_address(self._proxyInfo.destination)):
+            self.transport.abortConnection()
+            return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -91,6 +96,22 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
             super().connectionLost(reason)
         else:
             self.factory.unregisterProtocol(self)
+
+
+def _plain_address(address: Any) -> bool:
+    """Whether a header's address is an IP address (or absent: UNKNOWN, LOCAL).
+
+    Twisted's v1 parser splits the header at spaces only: ``PROXY TCP4 1.2.3.4\n.\nX
+    ...`` gives the host ``"1.2.3.4\n.\nX"``, which would go into the
+    ``Received:`` line and the mail log as it is."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return True
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 address may carry a scope
+    except ValueError:
+        return False
+    return True
 
 
 class HeaderFirstWrappingFactory(HAProxyWrappingFactory):
