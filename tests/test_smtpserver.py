@@ -26,7 +26,7 @@ from core_fakes import open_fds
 from relaygw import replies
 from relaygw.messagecache import WireReady
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
-from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
+from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date, wire_clean
 from support import (
     HOSTNAME,
     QUEUED,
@@ -476,6 +476,31 @@ def test_data_without_a_leading_dot_is_cached_wire_ready(
     assert isinstance(cached, WireReady) is wire_ready
 
 
+def test_a_received_line_that_is_not_wire_clean_keeps_the_message_stuffed(
+        gateway: FakeGateway) -> None:
+    """The Received: line is checked, not assumed: a client address with a bare
+    LF and a dot line (as a PROXY v1 header could once bring) must not let the
+    message out unstuffed."""
+    peer = IPv4Address("TCP", "127.0.0.5\n.\nX", 1234)
+    session = greet(gateway, peer)
+    queue_id = queued_id(session.send(transaction(b"Subject: x\r\n\r\nplain\r\n"))[-1])
+    cached = gateway.spool.cache.open(queue_id)
+    assert cached is not None and not isinstance(cached, WireReady)
+
+
+@pytest.mark.parametrize(("text", "clean"), [
+    (b"Received: from a ([127.0.0.1])\r\n\tby b; date\r\n", True),
+    (b"", True),
+    (b"a\nb\r\n", False),
+    (b"a\rb\r\n", False),
+    (b"a\r\n.b\r\n", False),
+    (b".a\r\n", False),
+    (b"a\r\r\n", False),
+])
+def test_wire_clean(text: bytes, clean: bool) -> None:
+    assert wire_clean(text) is clean
+
+
 def test_8bit_data_is_kept(gateway: FakeGateway) -> None:
     session = greet(gateway)
     body = "Subject: caf\u00e9\r\n\r\n\u00e9t\u00e9 \x00\xff\r\n".encode("latin-1")
@@ -547,7 +572,7 @@ def test_client_gone_during_commit(tmp_path: Path) -> None:
     """The message was complete: it is queued, though nobody hears the 250."""
     runner = ManualRunner()
     gateway = make_gateway(tmp_path, run_blocking=runner)
-    fds = open_fds()
+    fds = open_fds(gateway.directory)
     session = greet(gateway)
     # the client pipelined a second transaction behind the first, then left
     session.send(transaction(b"hello\r\n") + f"{MAIL}\r\n{RCPT}\r\nDATA\r\nhalf".encode())
@@ -559,21 +584,21 @@ def test_client_gone_during_commit(tmp_path: Path) -> None:
     assert len(gateway.accepted_envelopes) == 1
     # what was pipelined behind is not run for nobody: no file is left open
     assert not [n for n in gateway.files() if n.startswith("tmp-")]
-    assert open_fds() == fds
+    assert open_fds(gateway.directory) == fds
     assert gateway.clock.getDelayedCalls() == []
 
 
 @pytest.mark.parametrize("size", [10, 100_000], ids=["small", "over the write buffer"])
 def test_client_gone_during_data(gateway: FakeGateway, size: int) -> None:
-    fds = open_fds()
+    fds = open_fds(gateway.directory)
     session = greet(gateway)
     assert session.send(f"{MAIL}\r\n{RCPT}\r\nDATA\r\n".encode())[-1] == replies.START_DATA
     session.send(b"Subject: x\r\n\r\n" + (b"x" * 98 + b"\r\n") * (size // 100) + b"half")
     # what the spool has written so far is on disk, in a file still unnamed
-    assert open_fds() == fds + (size > 65536)
+    assert open_fds(gateway.directory) == fds + (size > 65536)
     session.lose()
     assert_nothing_queued(gateway)
-    assert open_fds() == fds
+    assert open_fds(gateway.directory) == fds
 
 
 # --- size --------------------------------------------------------------------------

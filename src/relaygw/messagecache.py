@@ -23,8 +23,9 @@ DEFAULT_LIMIT = 16 * 1024 * 1024  # bytes of message text held at most
 class WireReady(io.BytesIO):
     """A cached message known to be CRLF-only with no line starting with a dot:
     the DATA reader accepted it and saw no leading dot (``DataReader.dotted``),
-    and the ``Received:`` line put before it has none. It goes out as it is,
-    without the dot-stuffing scan (``MessageProducer``)."""
+    and the ``Received:`` line put before it was checked for the same
+    (``smtpserver.wire_clean``). It goes out as it is, without the
+    dot-stuffing scan (``MessageProducer``)."""
 
 
 class MessageCache:
@@ -40,9 +41,9 @@ class MessageCache:
     def put(self, queue_id: str, message: bytes, wire_ready: bool = False) -> None:
         """Keep ``message``, dropping the oldest entries to stay under the limit;
         ``wire_ready``: see ``WireReady`` (only the DATA reader can say so)."""
+        self.discard(queue_id)  # first: a message put again never keeps an old word
         if len(message) > self.limit:
             return
-        self.discard(queue_id)
         self._messages[queue_id] = message
         if wire_ready:
             self._wire_ready.add(queue_id)

@@ -70,6 +70,14 @@ def rfc5322_date(seconds: float) -> str:
             f" {hour:02d}:{minute:02d}:{second:02d} {sign}{offset_hours:02d}{offset_minutes:02d}")
 
 
+def wire_clean(text: bytes) -> bool:
+    """CRLF line ends only and no line starting with a dot: what a message must be
+    to be relayed as it is (``relaygw.messagecache.WireReady``)."""
+    inside = b"".join(text.split(b"\r\n"))
+    return (b"\r" not in inside and b"\n" not in inside
+            and not text.startswith(b".") and b"\n." not in text)
+
+
 @functools.lru_cache(maxsize=64)
 def _ehlo_reply(hostname: str, max_size: int, extensions: tuple[str, ...]) -> str:
     """The EHLO reply: the same few for every session, so made once each."""
@@ -153,6 +161,7 @@ class SMTPServerProtocol(Protocol):
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
         self._last_input = 0.0  # when the client last sent anything (the idle timer's base)
+        self._header_wire_clean = False  # the Received: line is CRLF-only, no leading dot
         self.draining = False
 
     # --- connection ------------------------------------------------------------
@@ -500,7 +509,11 @@ class SMTPServerProtocol(Protocol):
             return
         try:
             self._incoming = self.gateway.spool.open_incoming()
-            self._incoming.write(self._received_header(self._incoming.id))
+            header = self._received_header(self._incoming.id)
+            # What the WireReady promise needs of the lines put before the DATA,
+            # checked, not assumed (a client name is the client's to choose).
+            self._header_wire_clean = wire_clean(header)
+            self._incoming.write(header)
         except OSError as e:
             self._abort_data()
             self._reject("DATA", self._storage_reply(e), "storage")
@@ -536,8 +549,7 @@ class SMTPServerProtocol(Protocol):
             self._reject("DATA", refusal[0], refusal[1], sender=transaction.sender,
                          recipient=",".join(transaction.given))
             return
-        # Our Received: line starts no line with a dot either.
-        incoming.wire_ready = not reader.dotted
+        incoming.wire_ready = self._header_wire_clean and not reader.dotted
         envelope = Envelope(id=incoming.id, sender=transaction.sender,
                             recipients=transaction.recipients,
                             received=self.gateway.clock.seconds(),
