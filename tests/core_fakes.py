@@ -46,11 +46,21 @@ def journaled_spool(directory: Path, os_module: Any = os) -> Spool:
     return spool
 
 
-def open_fds() -> int:
-    """How many file descriptors this process has open (Linux), once garbage
-    (spools of earlier tests, closing their directory) has been collected."""
+def open_fds(under: Path) -> int:
+    """How many file descriptors this process has open (Linux) on a file or
+    directory under ``under``, once garbage (spools of earlier tests, closing
+    their directory) has been collected. Only those: a descriptor some earlier
+    test left for the collector, closed mid-test, must not move the count."""
     gc.collect()
-    return len(os.listdir("/proc/self/fd"))
+    prefix = str(under)
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor, gone by now
+            continue
+        count += target == prefix or target.startswith(prefix + "/")
+    return count
 
 
 class FailingOS:

@@ -135,7 +135,7 @@ def test_permissions(tmp_path: Path, unnamed: bool) -> None:
     assert names(directory) == [f"{envelope.id}.q"]
     for name in names(directory):
         assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
-    fds = open_fds()
+    fds = open_fds(tmp_path)
     incoming = spool.open_incoming()
     incoming.write(b"x" * BUFFER_LIMIT)  # a big message reaches the disk while received
     assert incoming.fd is not None
@@ -146,7 +146,7 @@ def test_permissions(tmp_path: Path, unnamed: bool) -> None:
         [] if unnamed else [incoming.temp_path.name])
     spool.discard(incoming)
     assert names(directory) == [f"{envelope.id}.q"]
-    assert open_fds() == fds
+    assert open_fds(tmp_path) == fds
 
 
 def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
@@ -161,14 +161,14 @@ def test_prepare_tightens_an_existing_directory(tmp_path: Path) -> None:
 @pytest.mark.parametrize("size", [7, BUFFER_LIMIT + 7], ids=["buffered", "on disk"])
 def test_discard_leaves_nothing(tmp_path: Path, unnamed: bool, size: int) -> None:
     spool = make_spool(tmp_path / "spool", unnamed=unnamed)
-    fds = open_fds()
+    fds = open_fds(tmp_path)
     incoming = spool.open_incoming()
     incoming.write(b"x" * size)
     assert (incoming.fd is not None) is (size > BUFFER_LIMIT)
     spool.discard(incoming)
     spool.discard(incoming)  # twice is harmless
     assert names(spool.directory) == []
-    assert open_fds() == fds
+    assert open_fds(tmp_path) == fds
 
 
 def count_commit_calls(tmp_path: Path, unnamed: bool) -> list[str]:
@@ -199,7 +199,7 @@ def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, unnamed:
         directory = tmp_path / f"fail-at-{step}"
         fake = FailingOS(fail_at=step)
         spool = make_spool(directory, fake, unnamed=unnamed)
-        fds = open_fds()
+        fds = open_fds(tmp_path)
         incoming = spool.open_incoming()
         incoming.write(MESSAGE)
         envelope = Envelope(id=incoming.id, sender="s@src.test",
@@ -212,7 +212,7 @@ def test_failure_at_every_step_of_commit_leaves_nothing(tmp_path: Path, unnamed:
         assert outcome.check(OSError), where
         assert outcome.value.errno == errno.ENOSPC, where
         assert names(directory) == [], where
-        assert open_fds() == fds, f"file descriptor leaked when {where}"
+        assert open_fds(tmp_path) == fds, f"file descriptor leaked when {where}"
         assert list(spool.recover()) == [], where
         spool.close()
 
@@ -557,12 +557,12 @@ def test_a_commit_never_replaces_an_entry_of_the_same_name(tmp_path: Path) -> No
     incoming.write(b"second\r\n")
     envelope = Envelope(id=existing.id, sender="", recipients=[recipient("a@b.test")],
                         received=0.0)
-    fds = open_fds()
+    fds = open_fds(tmp_path)
     outcome = result_of(spool.commit(incoming, envelope))
     assert isinstance(outcome, Failure) and outcome.value.errno == errno.EEXIST
     assert spool.read_message(existing.id) == b"first\r\n"
     assert names(spool.directory) == [f"{existing.id}.q"]
-    assert open_fds() == fds  # the unnamed file made by the commit, closed
+    assert open_fds(tmp_path) == fds  # the unnamed file made by the commit, closed
 
 
 def test_removals_finished_waits_for_a_removal_asked_for_by_a_failed_ones_errback(
