@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from core_fakes import FailingOS, queue_message, recipient, sync_run
 from relaygw.envelope import Envelope
-from relaygw.messagecache import MessageCache, WireReady
+from relaygw.messagecache import MessageCache, WireReady, wire_clean
 from relaygw.spool import BUFFER_LIMIT, Spool
 
 
@@ -117,3 +118,16 @@ def test_an_entry_pushed_out_forgets_it_was_wire_ready() -> None:
     cache.put("A", b"12345678", wire_ready=True)
     cache.put("B", b"12345678")  # A goes
     assert cache.open("A") is None and cache._wire_ready == set()
+
+
+@pytest.mark.parametrize(("text", "clean"), [
+    (b"Received: from a ([127.0.0.1])\r\n\tby b; date\r\n", True),
+    (b"", True),
+    (b"a\nb\r\n", False),
+    (b"a\rb\r\n", False),
+    (b"a\r\n.b\r\n", False),
+    (b".a\r\n", False),
+    (b"a\r\r\n", False),
+])
+def test_wire_clean(text: bytes, clean: bool) -> None:
+    assert wire_clean(text) is clean

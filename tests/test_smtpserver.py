@@ -26,7 +26,7 @@ from core_fakes import open_fds
 from relaygw import replies
 from relaygw.messagecache import WireReady
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
-from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date, wire_clean
+from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
 from support import (
     HOSTNAME,
     QUEUED,
@@ -486,19 +486,6 @@ def test_a_received_line_that_is_not_wire_clean_keeps_the_message_stuffed(
     queue_id = queued_id(session.send(transaction(b"Subject: x\r\n\r\nplain\r\n"))[-1])
     cached = gateway.spool.cache.open(queue_id)
     assert cached is not None and not isinstance(cached, WireReady)
-
-
-@pytest.mark.parametrize(("text", "clean"), [
-    (b"Received: from a ([127.0.0.1])\r\n\tby b; date\r\n", True),
-    (b"", True),
-    (b"a\nb\r\n", False),
-    (b"a\rb\r\n", False),
-    (b"a\r\n.b\r\n", False),
-    (b".a\r\n", False),
-    (b"a\r\r\n", False),
-])
-def test_wire_clean(text: bytes, clean: bool) -> None:
-    assert wire_clean(text) is clean
 
 
 def test_8bit_data_is_kept(gateway: FakeGateway) -> None:

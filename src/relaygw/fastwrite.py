@@ -46,11 +46,7 @@ def send_directly(transport: Any, data: bytes) -> int:
     """How much of ``data`` ``send()`` took at once: 0 where the transport does not
     allow the shortcut (see above) or the socket would block or failed (Twisted's
     own write path then reports the error, in order). Nothing is buffered here."""
-    # _shortcut_allowed's test, written out: this runs for every line sent.
-    if ((type(transport) is not tcp.Server and type(transport) is not tcp.Client)
-            or transport.TLS or not transport.connected or transport._writeDisconnected
-            or transport.disconnecting or getattr(transport, "_aborting", False)
-            or transport.dataBuffer or transport._tempDataBuffer):
+    if not _shortcut_allowed(transport):
         return 0
     try:
         return int(transport.socket.send(data))

@@ -24,8 +24,16 @@ class WireReady(io.BytesIO):
     """A cached message known to be CRLF-only with no line starting with a dot:
     the DATA reader accepted it and saw no leading dot (``DataReader.dotted``),
     and the ``Received:`` line put before it was checked for the same
-    (``smtpserver.wire_clean``). It goes out as it is, without the
+    (``wire_clean``). It goes out as it is, without the
     dot-stuffing scan (``MessageProducer``)."""
+
+
+def wire_clean(text: bytes) -> bool:
+    """CRLF line ends only and no line starting with a dot: the promise of
+    ``WireReady``, checked on text put before the DATA (which the reader checks)."""
+    inside = b"".join(text.split(b"\r\n"))
+    return (b"\r" not in inside and b"\n" not in inside
+            and not text.startswith(b".") and b"\n." not in text)
 
 
 class MessageCache:

@@ -42,6 +42,7 @@ from relaygw.datareader import DataError, DataReader
 from relaygw.envelope import Envelope, Recipient
 from relaygw.fastwrite import lose_connection, write_now
 from relaygw.logs import MailLog
+from relaygw.messagecache import wire_clean
 from relaygw.nodelay import NoDelaySessions
 from relaygw.routing import Refusal, Router
 from relaygw.spool import Incoming, Spool
@@ -68,14 +69,6 @@ def rfc5322_date(seconds: float) -> str:
     offset_hours, offset_minutes = divmod(abs(offset) // 60, 60)
     return (f"{_DAYS[weekday]}, {day:02d} {_MONTHS[month - 1]} {year:04d}"
             f" {hour:02d}:{minute:02d}:{second:02d} {sign}{offset_hours:02d}{offset_minutes:02d}")
-
-
-def wire_clean(text: bytes) -> bool:
-    """CRLF line ends only and no line starting with a dot: what a message must be
-    to be relayed as it is (``relaygw.messagecache.WireReady``)."""
-    inside = b"".join(text.split(b"\r\n"))
-    return (b"\r" not in inside and b"\n" not in inside
-            and not text.startswith(b".") and b"\n." not in text)
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,7 +154,6 @@ class SMTPServerProtocol(Protocol):
         self._incoming: Incoming | None = None
         self._timer: IDelayedCall | None = None
         self._last_input = 0.0  # when the client last sent anything (the idle timer's base)
-        self._header_wire_clean = False  # the Received: line is CRLF-only, no leading dot
         self.draining = False
 
     # --- connection ------------------------------------------------------------
@@ -317,8 +309,7 @@ class SMTPServerProtocol(Protocol):
                 self._error(replies.BARE_NEWLINE_COMMAND)
             else:
                 self._command(line[:-1])
-        if self.draining:  # (shutting down: rare, so checked here first)
-            self._finish_draining()
+        self._finish_draining()
         if self._busy and len(self._buffer) > PAUSE_BUFFER and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
@@ -337,8 +328,7 @@ class SMTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
             if not self.closing and not self._processing:
                 self._process()
-                if self.draining:  # (shutting down: rare, so checked here first)
-                    self._finish_draining()
+                self._finish_draining()
 
         d.addBoth(done)
 
@@ -512,7 +502,7 @@ class SMTPServerProtocol(Protocol):
             header = self._received_header(self._incoming.id)
             # What the WireReady promise needs of the lines put before the DATA,
             # checked, not assumed (a client name is the client's to choose).
-            self._header_wire_clean = wire_clean(header)
+            self._incoming.wire_ready = wire_clean(header)
             self._incoming.write(header)
         except OSError as e:
             self._abort_data()
@@ -549,7 +539,7 @@ class SMTPServerProtocol(Protocol):
             self._reject("DATA", refusal[0], refusal[1], sender=transaction.sender,
                          recipient=",".join(transaction.given))
             return
-        incoming.wire_ready = self._header_wire_clean and not reader.dotted
+        incoming.wire_ready = incoming.wire_ready and not reader.dotted
         envelope = Envelope(id=incoming.id, sender=transaction.sender,
                             recipients=transaction.recipients,
                             received=self.gateway.clock.seconds(),

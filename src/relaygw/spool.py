@@ -142,8 +142,9 @@ class Incoming:
         self.fd: int | None = None
         self.named = False  # the file is temp_path, not an unnamed one
         self.whole: bytes | None = None  # the message, when it was never flushed early
-        # Set by the SMTP server for DATA with no line starting with a dot: cached,
-        # the message is relayed without the dot-stuffing scan (messagecache.WireReady).
+        # Set by the SMTP server when the Received: line and the DATA are CRLF-only
+        # with no line starting with a dot: cached, the message is relayed without
+        # the dot-stuffing scan (messagecache.WireReady).
         self.wire_ready = False
         self.size = 0
         self._buffer = bytearray()

@@ -659,11 +659,7 @@ class _Session:
                 rset_reply, *replies = await self.proto.expect_replies(
                     [(self.t.rset, "RSET"), *waits], on_first=self._rset_answered)
                 if not _rset_accepted(rset_reply):
-                    if not any(isinstance(r, CancelledError) for r in replies):
-                        self._check_rset(rset_reply)  # raises _StaleSession
-                    # Cut at shutdown after a refused RSET: nothing the server
-                    # said after it counts (it may answer MAIL 503, never reset).
-                    replies = [CancelledError() for _ in replies]
+                    replies = self._after_refused_rset(rset_reply, replies)
         else:
             replies = await self._lockstep(mail, rcpts)
         return await self._settle(replies)
@@ -672,19 +668,22 @@ class _Session:
         """The RSET sent ahead of this transaction is answered (its reply comes
         first of the group's): unless 250, abort the session now, before any of
         the message is sent; whatever the server made of MAIL, RCPT or DATA ends
-        with the connection, and ``_check_rset`` then has ``run`` take another."""
+        with the connection, and ``_after_refused_rset`` has ``run`` take another."""
         if _rset_accepted(reply) or isinstance(reply, CancelledError):
             return
         self.clean = False
         self.proto.abort()
 
-    def _check_rset(self, reply: Reply | Exception) -> None:
-        """Once the group is in: _StaleSession unless the RSET was answered 250
-        (``_rset_answered`` has aborted the session already). Not called when the
-        group was cut at shutdown: its recipients are then deferred as cut short."""
-        if _rset_accepted(reply):
-            return
+    def _after_refused_rset(self, reply: Reply | Exception,
+                            replies: list[Reply | Exception]) -> list[Reply | Exception]:
+        """Once the group is in, after a refused RSET (``_rset_answered`` has aborted
+        the session): _StaleSession, so that ``run`` takes another session; or,
+        if the group was cut at shutdown, CancelledError for every reply, for
+        nothing the server said after the RSET counts (it may answer MAIL 503,
+        never reset) and the recipients are deferred as cut short."""
         self.clean = False
+        if any(isinstance(r, CancelledError) for r in replies):
+            return [CancelledError() for _ in replies]
         self.deliverer.log.debug("{remote}: cached session failed RSET: {error}",
                                  remote=self.hop.label, error=reply)
         raise _StaleSession()
