@@ -40,7 +40,7 @@ class NowReactor:
 def journaled_spool(directory: Path, os_module: Any = os) -> Spool:
     """A prepared spool with a journal written at once, in the caller's thread
     (no writer thread, no reactor): every step of a test is done when it returns."""
-    journal = Journal(Path(directory) / "journal", None, os_module, threaded=False)
+    journal = Journal(Path(directory) / "journal", None, os_module)
     spool = Spool(directory, sync_run, journal=journal)
     spool.prepare()
     return spool

@@ -241,7 +241,7 @@ def make_gateway(directory: Path, *, run_blocking: BlockingRunner = direct_runne
     config = _parsed(tuple(sorted(limits.items())))
     config = replace(config, queue=replace(config.queue, directory=spool_dir))
     spool = Spool(spool_dir, run_blocking, os_module,
-                  journal=Journal(spool_dir / "journal", None, os_module, threaded=False)
+                  journal=Journal(spool_dir / "journal", None, os_module)
                   if journal else None)
     spool.prepare()
     return FakeGateway(config=config, router=Router(config), spool=spool, clock=Clock())

@@ -1,20 +1,22 @@
-"""The journal: framing, group commit, torn tails, retiring segments."""
+"""The journal: framing, group commit, torn tails, retiring segments.
+
+Syncs are done inline, or held for the test to answer (``HeldSyncer``): the
+child process that does them in the daemon is test_syncer.py's."""
 
 from __future__ import annotations
 
 import errno
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from core_fakes import NowReactor
 from relaygw import journal as journal_module
 from relaygw.journal import (
     DONE,
@@ -30,31 +32,22 @@ from relaygw.journal import (
     segment_numbers,
     write_done_segment,
 )
+from relaygw.syncer import InlineSyncer
 
 IDS = [f"{n:019X}" for n in range(1, 40)]
 
 
 class CountingOS:
-    """``os``, counting syncs (an fdatasync, or a write to an ``O_DSYNC`` file) and
-    failing writev or the sync on request."""
+    """``os``, counting writevs and syncs, and failing writev or the sync on request."""
 
     def __init__(self) -> None:
         self.syncs = 0
         self.writevs = 0
         self.fail_writev_after: int | None = None  # bytes written before the failure
         self.fail_sync = False
-        self.dsync_fds: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
-
-    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
-        fd = os.open(path, flags, mode)
-        if flags & os.O_DSYNC:
-            self.dsync_fds.add(fd)
-        else:
-            self.dsync_fds.discard(fd)
-        return fd
 
     def writev(self, fd: int, buffers: list[Any]) -> int:
         self.writevs += 1
@@ -62,51 +55,64 @@ class CountingOS:
             data = b"".join(bytes(b) for b in buffers)[:self.fail_writev_after]
             os.write(fd, data)  # part of it reached the file: garbage to cut off
             raise OSError(errno.ENOSPC, "No space left on device")
-        written = os.writev(fd, buffers)
-        if fd in self.dsync_fds:
-            self.syncs += 1
-            if self.fail_sync:  # written, then not made durable: EIO, as Linux says
-                raise OSError(errno.EIO, "Input/output error")
-        return written
+        return os.writev(fd, buffers)
 
     def fdatasync(self, fd: int) -> None:
         self.syncs += 1
-        if self.fail_sync:
+        if self.fail_sync:  # EIO, as Linux says when write-back failed
             raise OSError(errno.EIO, "Input/output error")
         os.fdatasync(fd)
 
 
-def opened(tmp_path: Path, fake: CountingOS | None = None, **kwargs: Any) -> Journal:
-    journal = Journal(tmp_path / "journal", NowReactor(), fake or CountingOS(), **kwargs)
+class HeldSyncer:
+    """A syncer whose requests wait for the test: ``answer()`` does the oldest
+    one (inline, through the journal's ``os``) and fires its Deferred, as a
+    child's answer would; ``stop`` answers them all, as ProcessSyncer's does."""
+
+    def __init__(self, directory: Path, os_module: Any) -> None:
+        self.inline = InlineSyncer(directory, os_module)
+        self.requests: list[tuple[str, Any, Deferred[None]]] = []  # (what, args, waiting)
+
+    def sync(self, name: str, fd: int, directory: bool) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.requests.append(("SD" if directory else "S", (name, fd, directory), d))
+        return d
+
+    def retire(self, name: str) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.requests.append(("U", (name,), d))
+        return d
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        while self.requests:
+            self.answer()
+
+    def asked(self) -> list[str]:
+        return [what for what, _, _ in self.requests]
+
+    def answer(self) -> None:
+        what, args, d = self.requests.pop(0)
+        done = self.inline.retire(*args) if what == "U" else self.inline.sync(*args)
+        done.chainDeferred(d)
+
+
+def opened(tmp_path: Path, fake: CountingOS | None = None, held: bool = False,
+           **kwargs: Any) -> Journal:
+    """A journal on a fake clock; ``held``: with a HeldSyncer (``journal.syncer``)."""
+    fake = fake or CountingOS()
+    directory = tmp_path / "journal"
+    syncer = HeldSyncer(directory, fake) if held else None
+    journal = Journal(directory, Clock(), fake, syncer=syncer, **kwargs)
     journal.open()
     return journal
 
 
-def entries(journal: Journal, *items: tuple[str, bytes, bytes]) -> list[Any]:
-    """Queued appends as the writer thread takes them, with their Deferreds."""
-    for queue_id, envelope, message in items:
-        journal.append_message(queue_id, envelope, message)
-    return [journal._queue.get_nowait() for _ in items]
-
-
-def write(journal: Journal, batch: list[Any]) -> list[Any]:
-    """One batch through write_batch and back: the appends' Deferreds."""
-    journal._report(batch, journal.write_batch(batch))
-    return [d for _, _, d in batch]
-
-
-def run_writer_once(journal: Journal) -> None:
-    """What the writer thread does with everything queued now."""
-    batch = []
-    while not journal._queue.empty():
-        batch.append(journal._queue.get_nowait())
-    journal.handle(batch)
-
-
 def append(journal: Journal, queue_id: str, message: bytes = b"m") -> Any:
-    """One message appended and made durable: its Location."""
-    [d] = write(journal, entries(journal, (queue_id, b"{}", message)))
-    return result(d)
+    """One message appended and made durable (inline syncer): its Location."""
+    return result(journal.append_message(queue_id, b"{}", message))
 
 
 def result(d: Any) -> Any:
@@ -116,43 +122,64 @@ def result(d: Any) -> Any:
     return out[0]
 
 
-def test_a_batch_is_one_sync_and_each_message_reads_back(tmp_path: Path) -> None:
+def fired(d: Any) -> bool:
+    out: list[Any] = []
+    d.addBoth(lambda r: out.append(r) or r)
+    return bool(out)
+
+
+def test_appends_while_a_sync_is_out_share_the_next_and_each_reads_back(
+        tmp_path: Path) -> None:
+    """Group commit: the first append's sync goes out at once; the four written
+    while it is out wait for one more sync, which answers them all."""
     fake = CountingOS()
-    journal = opened(tmp_path, fake)
+    journal = opened(tmp_path, fake, held=True)
+    syncer = journal.syncer
     items = [(IDS[i], b'{"id": %d}' % i, b"message %d\r\n" % i * (i + 1)) for i in range(5)]
-    done = write(journal, entries(journal, *items))
-    assert fake.syncs == 1
+    done = [journal.append_message(*item) for item in items]
+    assert syncer.asked() == ["S"]  # open() made the first segment's name durable
+    assert fake.writevs == 5  # written at once, each: only the sync waits
+    assert not any(fired(d) for d in done)
+    syncer.answer()
+    assert fired(done[0]) and not any(fired(d) for d in done[1:])
+    assert syncer.asked() == ["S"]  # one sync for the four
+    syncer.answer()
+    assert all(fired(d) for d in done) and syncer.asked() == []
+    assert fake.syncs == 2
     for d, (_, _, message) in zip(done, items, strict=True):
-        location = result(d)
-        assert read_message(journal.directory, location) == message
+        assert read_message(journal.directory, result(d)) == message
     live, problems = live_messages(journal.directory)
     assert problems == []
     assert {q: r.envelope for q, r in live.items()} == {q: e for q, e, _ in items}
 
 
+def test_inline_an_append_is_one_write_and_one_sync(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake)
+    location = append(journal, IDS[0], b"a")
+    assert (fake.writevs, fake.syncs) == (1, 1)
+    assert read_message(journal.directory, location) == b"a"
+
+
 def test_a_done_record_takes_the_message_out_of_the_live_set(tmp_path: Path) -> None:
     journal = opened(tmp_path)
-    first, _ = (result(d) for d in write(
-        journal, entries(journal, (IDS[0], b"{}", b"a"), (IDS[1], b"{}", b"b"))))
+    first = append(journal, IDS[0], b"a")
+    append(journal, IDS[1], b"b")
     journal.append_done(IDS[0], first)
-    done_entry = journal._queue.get_nowait()
-    assert done_entry[0] == DONE
-    journal._report([done_entry], journal.write_batch([done_entry]))
+    assert journal._queue == []  # inline: written at once
     live, _ = live_messages(journal.directory)
     assert list(live) == [IDS[1]]
 
 
-def test_a_failed_write_fails_its_batch_and_leaves_no_garbage(tmp_path: Path) -> None:
+def test_a_failed_write_fails_its_append_and_leaves_no_garbage(tmp_path: Path) -> None:
     fake = CountingOS()
     journal = opened(tmp_path, fake)
-    write(journal, entries(journal, (IDS[0], b"{}", b"kept")))
+    append(journal, IDS[0], b"kept")
     fake.fail_writev_after = 7  # part of a header reached the file
-    failed = write(journal, entries(journal, (IDS[1], b"{}", b"lost"), (IDS[2], b"{}", b"x")))
-    for d in failed:
-        outcome = result(d)
-        assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
+    outcome = result(journal.append_message(IDS[1], b"{}", b"lost"))
+    assert isinstance(outcome, Failure) and outcome.value.errno == errno.ENOSPC
     fake.fail_writev_after = None
-    write(journal, entries(journal, (IDS[3], b"{}", b"after")))
+    append(journal, IDS[3], b"after")
     live, problems = live_messages(journal.directory)
     assert problems == []
     assert sorted(live) == [IDS[0], IDS[3]]  # nothing after garbage, nothing refused kept
@@ -161,36 +188,35 @@ def test_a_failed_write_fails_its_batch_and_leaves_no_garbage(tmp_path: Path) ->
     assert problem is None and good == os.path.getsize(journal.directory / segment_name(number))
 
 
-def test_segments_are_opened_o_dsync_and_a_batch_is_one_write(tmp_path: Path) -> None:
-    """The write is the sync: one system call a batch, no fdatasync."""
+def test_a_failed_sync_fails_everything_written_since_the_last_good_one(
+        tmp_path: Path) -> None:
+    """Pages a failed fdatasync may have dropped: the append it was for, and the
+    one written while it was out, both fail and are cut from the segment."""
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, held=True)
+    syncer = journal.syncer
+    kept = journal.append_message(IDS[0], b"{}", b"kept")
+    syncer.answer()
+    assert fired(kept)
+    first = journal.append_message(IDS[1], b"{}", b"first")
+    second = journal.append_message(IDS[2], b"{}", b"second")
+    fake.fail_sync = True
+    syncer.answer()
+    assert isinstance(result(first), Failure) and isinstance(result(second), Failure)
+    assert syncer.asked() == []  # nothing is left to sync: it was all cut back
+    fake.fail_sync = False
+    later = journal.append_message(IDS[3], b"{}", b"later")
+    syncer.answer()
+    assert read_message(journal.directory, result(later)) == b"later"
+    live, problems = live_messages(journal.directory)
+    assert sorted(live) == [IDS[0], IDS[3]] and problems == []
+
+
+def test_a_failed_sync_inline_fails_its_append(tmp_path: Path) -> None:
     fake = CountingOS()
     journal = opened(tmp_path, fake)
-    assert journal.synced_writes and journal._fd in fake.dsync_fds
-    write(journal, entries(journal, *[(IDS[i], b"{}", b"m") for i in range(3)]))
-    assert (fake.writevs, fake.syncs) == (1, 1)
-
-
-def test_without_synced_writes_a_batch_is_written_then_fdatasynced(tmp_path: Path) -> None:
-    fake = CountingOS()
-    journal = opened(tmp_path, fake, synced_writes=False)
-    assert journal._fd not in fake.dsync_fds
-    [first, second] = write(journal, entries(journal, (IDS[0], b"{}", b"a"),
-                                             (IDS[1], b"{}", b"b")))
-    assert (fake.writevs, fake.syncs) == (1, 1)  # the one sync is the fdatasync
-    assert read_message(journal.directory, result(first)) == b"a"
-    assert read_message(journal.directory, result(second)) == b"b"
     fake.fail_sync = True
-    [refused] = write(journal, entries(journal, (IDS[2], b"{}", b"c")))
-    assert isinstance(result(refused), Failure)
-    assert sorted(live_messages(journal.directory)[0]) == [IDS[0], IDS[1]]
-
-
-def test_a_failed_sync_fails_its_batch(tmp_path: Path) -> None:
-    fake = CountingOS()
-    journal = opened(tmp_path, fake)
-    fake.fail_sync = True
-    [d] = write(journal, entries(journal, (IDS[0], b"{}", b"m")))
-    assert isinstance(result(d), Failure)
+    assert isinstance(result(journal.append_message(IDS[0], b"{}", b"m")), Failure)
     live, _ = live_messages(journal.directory)
     assert live == {}  # cut back: a message refused is not left to be delivered
 
@@ -198,13 +224,29 @@ def test_a_failed_sync_fails_its_batch(tmp_path: Path) -> None:
 def test_segments_rotate_and_a_restart_starts_a_new_one(tmp_path: Path) -> None:
     journal = opened(tmp_path, segment_bytes=200)
     for i in range(4):
-        write(journal, entries(journal, (IDS[i], b"{}", b"x" * 100)))
+        append(journal, IDS[i], b"x" * 100)
     assert len(segment_numbers(journal.directory)) >= 3
     journal.stop()
     again = opened(tmp_path)
     assert again._number == segment_numbers(journal.directory)[-1]
     live, problems = live_messages(journal.directory)
     assert sorted(live) == IDS[:4] and problems == []
+
+
+def test_a_new_segment_is_started_only_once_the_old_one_is_durable(tmp_path: Path) -> None:
+    """Only the newest segment may end torn: an append that needs a new segment
+    waits, unwritten, for the sync out on the old one."""
+    journal = opened(tmp_path, held=True, segment_bytes=200)
+    syncer = journal.syncer
+    first = journal.append_message(IDS[0], b"{}", b"x" * 100)
+    second = journal.append_message(IDS[1], b"{}", b"y" * 100)  # does not fit
+    assert segment_numbers(journal.directory) == [1] and journal._queue
+    syncer.answer()
+    assert result(first).segment == 1
+    assert segment_numbers(journal.directory) == [1, 2] and journal._queue == []
+    assert syncer.asked() == ["SD"]  # the new segment's name goes with its first sync
+    syncer.answer()
+    assert result(second).segment == 2
 
 
 @settings(max_examples=60, deadline=None)
@@ -214,11 +256,11 @@ def test_a_torn_tail_loses_only_the_unacknowledged_end(tmp_path_factory: Any, cu
     reads back, and a torn newest segment is not reported as damage."""
     directory = tmp_path_factory.mktemp("torn")
     journal = opened(directory)
-    write(journal, entries(journal, (IDS[0], b"{}", b"first")))
+    append(journal, IDS[0], b"first")
     number = journal._number
     path = journal.directory / segment_name(number)
     good = os.path.getsize(path)
-    write(journal, entries(journal, (IDS[1], b"{}", b"second" * 40)))
+    append(journal, IDS[1], b"second" * 40)
     whole = os.path.getsize(path)
     os.truncate(path, max(good, whole - cut))
     live, problems = live_messages(journal.directory)
@@ -229,9 +271,9 @@ def test_a_torn_tail_loses_only_the_unacknowledged_end(tmp_path_factory: Any, cu
 
 def test_damage_in_an_older_segment_is_reported(tmp_path: Path) -> None:
     journal = opened(tmp_path, segment_bytes=150)
-    write(journal, entries(journal, (IDS[0], b"{}", b"x" * 100)))
+    append(journal, IDS[0], b"x" * 100)
     first = journal._number
-    write(journal, entries(journal, (IDS[1], b"{}", b"y" * 100)))
+    append(journal, IDS[1], b"y" * 100)
     assert journal._number != first
     path = journal.directory / segment_name(first)
     data = bytearray(path.read_bytes())
@@ -250,34 +292,16 @@ def test_what_is_written_is_what_reads_back(tmp_path_factory: Any,
     journal = opened(tmp_path_factory.mktemp("rt"))
     expected: dict[str, tuple[bytes, bytes]] = {}
     for queue_id, envelope, message, done in steps:
-        [d] = write(journal, entries(journal, (queue_id, envelope, message)))
-        location = result(d)
+        location = result(journal.append_message(queue_id, envelope, message))
         assert read_message(journal.directory, location) == message
         expected[queue_id] = (envelope, message)
         if done:
             journal.append_done(queue_id, location)
-            entry = journal._queue.get_nowait()
-            journal._report([entry], journal.write_batch([entry]))
             expected.pop(queue_id)
     live, problems = live_messages(journal.directory)
     assert problems == []
     assert {q: (r.envelope, read_message(journal.directory, r.location))
             for q, r in live.items()} == expected
-
-
-def test_the_writer_thread_batches_and_reports_through_the_reactor(tmp_path: Path) -> None:
-    """The real thread: appends queued before it starts go out in one batch."""
-    fake = CountingOS()
-    journal = opened(tmp_path, fake)
-    reported: list[Any] = []
-    done = [journal.append_message(IDS[i], b"{}", b"m") for i in range(6)]
-    for d in done:
-        d.addCallback(reported.append)
-    journal.start()
-    journal.stop()  # writes what is queued, then ends
-    assert fake.syncs == 1
-    assert len(reported) == 6
-    assert len({(loc.segment, loc.offset) for loc in reported}) == 6
 
 
 def test_a_queue_id_that_is_not_one_is_refused(tmp_path: Path) -> None:
@@ -286,7 +310,7 @@ def test_a_queue_id_that_is_not_one_is_refused(tmp_path: Path) -> None:
         journal.append_message("short", b"{}", b"m")
     with pytest.raises(ValueError):
         journal.append_message("Ä" * 19, b"{}", b"m")
-    assert journal._queue.empty()  # nothing half-queued
+    assert journal._queue == []  # nothing half-queued
 
 
 def test_a_segment_is_retired_once_its_messages_are_done_and_never_before_an_older_one(
@@ -295,28 +319,40 @@ def test_a_segment_is_retired_once_its_messages_are_done_and_never_before_an_old
     messages: retiring the newer one first would bring those back after a crash."""
     journal = opened(tmp_path, segment_bytes=150)
     locations = [append(journal, IDS[i], b"x" * 100) for i in range(3)]
-    run_writer_once(journal)  # the rotations' news reaches the reactor side at once here
     assert [loc.segment for loc in locations] == [1, 2, 3]
-    journal.append_done(IDS[1], locations[1])
-    run_writer_once(journal)  # the done record does not fit: segment 4
+    journal.append_done(IDS[1], locations[1])  # the done record does not fit: segment 4
     assert segment_numbers(journal.directory) == [1, 2, 3, 4]  # 2 waits for 1
     journal.append_done(IDS[0], locations[0])
-    run_writer_once(journal)
     assert segment_numbers(journal.directory) == [3, 4]  # 3 holds a live message
     assert journal.segments_in_use() == [3, 4]
     live, problems = live_messages(journal.directory)
     assert list(live) == [IDS[2]] and problems == []
 
 
-def test_the_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
+def test_segments_are_retired_one_request_at_a_time_oldest_first(tmp_path: Path) -> None:
+    journal = opened(tmp_path, held=True, segment_bytes=150)
+    syncer = journal.syncer
+    locations = []
+    for i in range(3):
+        d = journal.append_message(IDS[i], b"{}", b"x" * 100)
+        syncer.stop()  # answer what is asked (a sync, a new segment's)
+        locations.append(result(d))
+    for i in range(3):
+        journal.append_done(IDS[i], locations[i])
+    journal._write()  # the done records, without waiting out their delay
+    assert syncer.asked()[0] == "U" and syncer.asked().count("U") == 1
+    syncer.stop()
+    assert segment_numbers(journal.directory) == [4]
+
+
+def test_the_journal_survives_a_write_that_raises(tmp_path: Path) -> None:
     class Broken(CountingOS):
         def writev(self, fd: int, buffers: list[Any]) -> int:
             os.writev(fd, buffers)  # written, then the bug: the tail is cut back
             raise RuntimeError("a bug, not an I/O error")
 
     journal = opened(tmp_path, Broken())
-    [d] = write(journal, entries(journal, (IDS[0], b"{}", b"m")))
-    assert isinstance(result(d), Failure)
+    assert isinstance(result(journal.append_message(IDS[0], b"{}", b"m")), Failure)
     journal.os = CountingOS()
     assert read_message(journal.directory, append(journal, IDS[1], b"later")) == b"later"
     assert list(live_messages(journal.directory)[0]) == [IDS[1]]
@@ -334,8 +370,7 @@ def test_a_batch_after_a_lost_segment_starts_a_new_one(tmp_path: Path) -> None:
     append(journal, IDS[0])
     first = journal._number
     fake.fail_writev_after = 5
-    [refused] = write(journal, entries(journal, (IDS[1], b"{}", b"refused")))
-    assert isinstance(result(refused), Failure)
+    assert isinstance(result(journal.append_message(IDS[1], b"{}", b"refused")), Failure)
     fake.fail_writev_after = None
     location = append(journal, IDS[2], b"kept")
     assert location.segment > first
@@ -354,25 +389,35 @@ def test_a_done_segment_written_offline_cancels_a_message(tmp_path: Path) -> Non
 
 def test_a_batch_bigger_than_iov_max_is_written_whole(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Done records waiting for their delay, then a message: one batch of twelve."""
     monkeypatch.setattr(journal_module, "IOV_MAX", 4)
-    journal = opened(tmp_path)
-    items = [(IDS[i], b"{}", b"m%d" % i) for i in range(11)]
-    for d, (_, _, message) in zip(write(journal, entries(journal, *items)), items, strict=True):
-        assert read_message(journal.directory, result(d)) == message
-    assert len(live_messages(journal.directory)[0]) == 11
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, held=True)
+    locations = []
+    for i in range(11):
+        d = journal.append_message(IDS[i], b"{}", b"m%d" % i)
+        journal.syncer.stop()
+        locations.append(result(d))
+    fake.writevs = 0
+    for i in range(11):
+        journal.append_done(IDS[i], locations[i])
+    last = journal.append_message(IDS[11], b"{}", b"last")
+    assert fake.writevs == 3  # 4 + 4 + 4 frames
+    journal.syncer.stop()
+    assert read_message(journal.directory, result(last)) == b"last"
+    assert list(live_messages(journal.directory)[0]) == [IDS[11]]
 
 
-def test_done_records_of_a_failed_batch_go_out_with_the_next(tmp_path: Path) -> None:
+def test_done_records_of_a_failed_sync_go_out_with_the_next_write(tmp_path: Path) -> None:
     fake = CountingOS()
     journal = opened(tmp_path, fake)
     location = append(journal, IDS[0])
     fake.fail_sync = True
     journal.append_done(IDS[0], location)
-    run_writer_once(journal)
-    assert IDS[0] in live_messages(journal.directory)[0]  # cut back with its batch
+    assert IDS[0] in live_messages(journal.directory)[0]  # cut back with its write
+    assert journal._queue and journal._queue[0][0] == DONE
     fake.fail_sync = False
     append(journal, IDS[1])
-    run_writer_once(journal)
     assert list(live_messages(journal.directory)[0]) == [IDS[1]]
 
 
@@ -388,22 +433,23 @@ def test_a_segment_that_cannot_be_unlinked_holds_back_every_newer_one(tmp_path: 
     fake = StuckUnlink()
     journal = opened(tmp_path, fake, segment_bytes=150)
     locations = [append(journal, IDS[i], b"x" * 100) for i in range(3)]
-    run_writer_once(journal)
     journal.append_done(IDS[0], locations[0])
     journal.append_done(IDS[1], locations[1])
-    run_writer_once(journal)
     assert segment_numbers(journal.directory)[:2] == [1, 2]  # 2 waits behind 1
     fake.stuck = False
-    append(journal, IDS[3])
-    run_writer_once(journal)
+    append(journal, IDS[3])  # tried again after the next sync
     assert segment_numbers(journal.directory)[0] == 3
 
 
-def test_a_segment_whose_name_is_not_durable_is_never_written(tmp_path: Path) -> None:
+def test_a_new_segments_appends_wait_until_its_name_is_durable(tmp_path: Path) -> None:
+    """The first sync of a new segment fsyncs the directory too; if that fails,
+    its appends fail, and the next sync asks for the directory again."""
     class FailingDirectorySync(CountingOS):
         fail = False
+        directory_syncs = 0
 
         def fsync(self, fd: int) -> None:
+            self.directory_syncs += 1
             if self.fail:
                 raise OSError(errno.EIO, "Input/output error")
             os.fsync(fd)
@@ -412,12 +458,15 @@ def test_a_segment_whose_name_is_not_durable_is_never_written(tmp_path: Path) ->
     journal = opened(tmp_path, fake, segment_bytes=150)
     append(journal, IDS[0], b"x" * 100)
     fake.fail = True
-    [d] = write(journal, entries(journal, (IDS[1], b"{}", b"y" * 100)))  # needs a new segment
-    assert isinstance(result(d), Failure)
-    assert journal._fd is None and segment_numbers(journal.directory) == [1]
+    assert isinstance(result(journal.append_message(IDS[1], b"{}", b"y" * 100)), Failure)
+    assert journal._number == 2 and not journal._name_durable
     fake.fail = False
+    before = fake.directory_syncs
     location = append(journal, IDS[2], b"z")
-    assert location.segment == 3 and segment_numbers(journal.directory) == [1, 3]
+    assert location.segment == 2 and fake.directory_syncs == before + 1
+    append(journal, IDS[3], b"w")
+    assert fake.directory_syncs == before + 1  # once durable, never again
+    assert sorted(live_messages(journal.directory)[0]) == [IDS[0], IDS[2], IDS[3]]
 
 
 def test_damage_in_the_newest_segment_is_told_from_a_torn_tail(tmp_path: Path) -> None:
@@ -446,25 +495,23 @@ def test_a_message_body_holding_a_record_is_never_read_as_one(tmp_path: Path) ->
     assert problems == [(journal._number, problems[0][1])]  # a record follows: damage
 
 
-def test_appends_after_stop_are_written_at_once(tmp_path: Path) -> None:
-    journal = opened(tmp_path)
+def test_the_stop_makes_durable_what_waits_and_later_appends_go_inline(
+        tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, held=True, done_delay=30.0)
+    syncer = journal.syncer
     journal.start()
-    location = append_threaded(journal, IDS[0])
-    journal.stop()
-    journal.append_done(IDS[0], location)  # an attempt that ended after the stop
-    later = journal.append_message(IDS[1], b"{}", b"late bounce")
-    assert read_message(journal.directory, result(later)) == b"late bounce"
+    first = journal.append_message(IDS[0], b"{}", b"m")
+    syncer.answer()
+    journal.append_done(IDS[0], result(first))  # waits up to 30 s for company
+    out = journal.append_message(IDS[1], b"{}", b"out")  # its sync is asked for, unanswered
+    journal.stop()  # does not wait out the 30 s, nor for an answer that will not come
+    assert syncer.asked() == [] and fired(out)
     assert list(live_messages(journal.directory)[0]) == [IDS[1]]
-
-
-def append_threaded(journal: Journal, queue_id: str) -> Any:
-    """An append through the real writer thread (NowReactor reports at once)."""
-    done = threading.Event()
-    out: list[Any] = []
-    journal.append_message(queue_id, b"{}", b"m").addCallback(out.append).addBoth(
-        lambda _: done.set())
-    assert done.wait(10)
-    return out[0]
+    journal.append_done(IDS[1], result(out))  # an attempt that ended after the stop
+    later = journal.append_message(IDS[2], b"{}", b"late bounce")
+    assert read_message(journal.directory, result(later)) == b"late bounce"
+    assert list(live_messages(journal.directory)[0]) == [IDS[2]]
 
 
 def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
@@ -496,131 +543,54 @@ def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
 # --- done records wait for a batch to go with ------------------------------------------
 
 
-class CountingReactor(NowReactor):
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def callFromThread(self, fn: Any, *args: Any) -> None:
-        self.calls += 1
-        fn(*args)
-
-
-class ScriptedQueue:
-    """The writer's queue, played by the test: what is queued now, and what a
-    ``get(timeout=t)`` then brings (an entry, or nothing: queue.Empty); every
-    timeout asked for is recorded. Nothing ever blocks."""
-
-    def __init__(self, queued: list[Any], later: list[Any]) -> None:
-        self.queued = list(queued)
-        self.later = list(later)
-        self.timeouts: list[float | None] = []
-
-    def get(self, timeout: float | None = None) -> Any:
-        self.timeouts.append(timeout)
-        if timeout is None:
-            assert self.queued, "would block for ever"
-            return self.queued.pop(0)
-        assert 0 <= timeout < 3600
-        if self.later:
-            return self.later.pop(0)
-        raise queue.Empty
-
-    def get_nowait(self) -> Any:
-        if not self.queued:
-            raise queue.Empty
-        return self.queued.pop(0)
-
-
-DONE_ENTRY = (journal_module.DONE, IDS[0].encode("ascii"), None)
-OTHER_DONE = (journal_module.DONE, IDS[1].encode("ascii"), None)
-MESSAGE_ENTRY = (journal_module.MESSAGE, b"payload", None)
-
-
-def scripted(tmp_path: Path, queued: list[Any], later: list[Any],
-             times: list[float]) -> tuple[Journal, ScriptedQueue]:
-    clock = iter(times)
-    journal = opened(tmp_path, done_delay=0.05, clock=lambda: next(clock))
-    journal._queue = ScriptedQueue(queued, later)  # type: ignore[assignment]
-    return journal, journal._queue  # type: ignore[return-value]
-
-
-def test_done_records_wait_what_is_left_of_the_delay_then_go_alone(tmp_path: Path) -> None:
-    journal, q = scripted(tmp_path, [DONE_ENTRY], [], times=[100.0, 100.01])
-    assert journal.next_batch() == [DONE_ENTRY]
-    assert q.timeouts == [None, pytest.approx(0.04)]  # the first blocks; then 50 ms - 10
+def test_done_records_wait_the_delay_then_go_alone(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, held=True, done_delay=0.05)
+    d = journal.append_message(IDS[0], b"{}", b"m")
+    journal.syncer.stop()
+    writes = fake.writevs
+    journal.append_done(IDS[0], result(d))
+    journal.reactor.advance(0.049)
+    assert fake.writevs == writes and journal._queue
+    journal.reactor.advance(0.001)
+    assert fake.writevs == writes + 1 and journal._queue == []
+    assert journal.syncer.asked() == ["S"]  # synced too: the window stays the delay
+    journal.syncer.stop()
+    assert live_messages(journal.directory)[0] == {}
 
 
 def test_a_message_ends_the_wait_of_done_records_and_goes_with_them(tmp_path: Path) -> None:
-    journal, q = scripted(tmp_path, [DONE_ENTRY], [OTHER_DONE, MESSAGE_ENTRY],
-                          times=[100.0, 100.01, 100.02])
-    assert journal.next_batch() == [DONE_ENTRY, OTHER_DONE, MESSAGE_ENTRY]
-    assert q.timeouts == [None, pytest.approx(0.04), pytest.approx(0.03)]
-
-
-def test_the_stop_ends_the_wait_of_done_records(tmp_path: Path) -> None:
-    journal, q = scripted(tmp_path, [DONE_ENTRY], [None], times=[100.0, 100.01])
-    assert journal.next_batch() == [DONE_ENTRY, None]
-    assert q.timeouts == [None, pytest.approx(0.04)]
-
-
-def test_a_message_is_never_held_back_by_the_done_delay(tmp_path: Path) -> None:
-    journal, q = scripted(tmp_path, [DONE_ENTRY, MESSAGE_ENTRY], [], times=[100.0])
-    assert journal.next_batch() == [DONE_ENTRY, MESSAGE_ENTRY]
-    assert q.timeouts == [None]  # no wait at all
-
-
-def test_done_records_past_their_deadline_go_without_a_wait(tmp_path: Path) -> None:
-    journal, q = scripted(tmp_path, [DONE_ENTRY, OTHER_DONE], [], times=[100.0, 100.2])
-    assert journal.next_batch() == [DONE_ENTRY, OTHER_DONE]
-    assert q.timeouts == [None]
-
-
-def test_done_records_of_a_failed_batch_are_tried_again_while_idle(tmp_path: Path) -> None:
-    """No new entry need come: done_delay after the failure, the writer tries again."""
     fake = CountingOS()
-    journal = opened(tmp_path, fake, done_delay=0.05)
-    location = append(journal, IDS[0])
-    journal.append_done(IDS[0], location)
-    fake.fail_sync = True
-    run_writer_once(journal)  # the done record's batch fails
-    assert journal._unwritten_done
-    fake.fail_sync = False
-    journal._queue = ScriptedQueue([], [])  # type: ignore[assignment]  # nothing comes
-    batch = journal.next_batch()  # back after done_delay, empty, instead of blocking
-    assert batch == [] and journal._queue.timeouts == [0.05]  # type: ignore[attr-defined]
-    journal.handle(batch)
-    assert not journal._unwritten_done
+    journal = opened(tmp_path, fake, held=True, done_delay=0.05)
+    d = journal.append_message(IDS[0], b"{}", b"m")
+    journal.syncer.stop()
+    writes = fake.writevs
+    journal.append_done(IDS[0], result(d))
+    journal.append_message(IDS[1], b"{}", b"next")
+    assert fake.writevs == writes + 1  # one write for both
+    assert not journal.reactor.getDelayedCalls()  # the timer is gone with them
+    journal.syncer.stop()
+    assert list(live_messages(journal.directory)[0]) == [IDS[1]]
+
+
+def test_done_records_of_a_failed_write_are_tried_again_while_idle(tmp_path: Path) -> None:
+    """No new entry need come: done_delay after the failure, the journal tries again."""
+    fake = CountingOS()
+    journal = opened(tmp_path, fake, held=True, done_delay=0.05)
+    d = journal.append_message(IDS[0], b"{}", b"m")
+    journal.syncer.stop()
+    journal.append_done(IDS[0], result(d))
+    fake.fail_writev_after = 3
+    journal.reactor.advance(0.05)
+    assert journal._queue and journal._queue[0][0] == DONE
+    fake.fail_writev_after = None
+    journal.reactor.advance(0.05)
+    assert journal._queue == []
+    journal.syncer.stop()
     assert live_messages(journal.directory)[0] == {}
 
 
 @pytest.mark.parametrize("delay", [float("inf"), float("nan"), -1.0])
-def test_a_done_delay_the_queue_cannot_wait_is_refused(tmp_path: Path, delay: float) -> None:
+def test_a_done_delay_that_cannot_be_waited_is_refused(tmp_path: Path, delay: float) -> None:
     with pytest.raises(ValueError, match="done_delay"):
-        Journal(tmp_path / "journal", NowReactor(), done_delay=delay)
-
-
-def test_with_the_writer_thread_a_done_record_is_written_by_the_stop(tmp_path: Path) -> None:
-    fake = CountingOS()
-    journal = opened(tmp_path, fake, done_delay=30.0)
-    journal.start()
-    try:
-        location = append_threaded(journal, IDS[0])
-        journal.append_done(IDS[0], location)
-    finally:
-        journal.stop()  # does not wait out the 30 s: the stop is written at once
-    assert fake.syncs == 2
-    assert live_messages(journal.directory)[0] == {}
-
-
-def test_a_batch_of_done_records_only_does_not_call_the_reactor(tmp_path: Path) -> None:
-    reactor = CountingReactor()
-    journal = Journal(tmp_path / "journal", reactor, CountingOS())
-    journal.open()
-    location = append(journal, IDS[0])
-    journal.append_done(IDS[0], location)
-    run_writer_once(journal)
-    assert reactor.calls == 0
-    assert live_messages(journal.directory)[0] == {}
-    journal.append_message(IDS[1], b"{}", b"m")
-    run_writer_once(journal)
-    assert reactor.calls == 1  # a message's Deferred is fired from the reactor thread
+        Journal(tmp_path / "journal", Clock(), done_delay=delay)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import email
 import errno
-import threading
 from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
-from core_fakes import NowReactor, queue_message
+from core_fakes import queue_message
 from relaygw import spoolreader
 from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
-from relaygw.journal import Journal, live_messages
+from relaygw.journal import live_messages
 from relaygw.scheduler import UnknownMessage
 from relaygw.service import Gateway, build_service
 from relaygw.spool import Spool
@@ -203,24 +202,29 @@ def test_shutdown_lets_a_last_removal_reach_the_disk_before_the_threads_stop(
     assert not gateway.spool.message_path(queued.id).exists()
 
 
-def test_shutdown_writes_the_journals_last_records_and_stops_its_writer(
+def test_shutdown_writes_the_journals_last_records_and_stops_its_syncer(
         tmp_path: Path) -> None:
-    """SIGTERM: a delivered message's done record, still queued for the writer
-    thread, is on disk before the process goes (else it is delivered again)."""
-    gateway = Gateway(config_for(tmp_path), MemoryReactorClock(), sync_run, deliverers={})
-    journal = Journal(tmp_path / "spool" / "journal", NowReactor())  # a writer thread
-    gateway.spool.journal = journal
-    journal.on_segment_started = gateway.spool._journal_grew
+    """SIGTERM: a delivered message's done record, still waiting for company,
+    is on disk before the process goes (else it is delivered again), and the
+    syncer child is told to end (its stdin closed)."""
+    from test_spoolreader import ProcessReactor
+
+    reactor = ProcessReactor()
+    gateway = Gateway(config_for(tmp_path), reactor, sync_run, deliverers={})
+    journal = gateway.spool.journal
+    assert journal is not None
     gateway.spool.prepare()
-    committed = threading.Event()
+    [child] = reactor.syncers
     incoming = gateway.spool.open_incoming()
     incoming.write(b"Subject: hi\r\n\r\nbody\r\n")
     envelope = Envelope(id=incoming.id, sender="s@src.test", received=0.0,
                         recipients=[Recipient("x@far.test", "x@far.test", "relay")])
-    gateway.spool.commit(incoming, envelope).addBoth(lambda _: committed.set())
-    assert committed.wait(10)
-    gateway.spool.remove(envelope.id)  # delivered: its done record is queued
+    committed = gateway.spool.commit(incoming, envelope)
+    assert not committed.called  # the 250 waits for the child's sync
+    child.send(b"K\n")
+    assert committed.called
+    gateway.spool.remove(envelope.id)  # delivered: its done record waits
+    assert list(live_messages(journal.directory)[0]) == [envelope.id]
     stopped = gateway.stopService()
-    assert stopped.called
-    assert journal._thread is None  # joined, after writing what was queued
+    assert stopped.called and child.transport.stdin_closed
     assert live_messages(journal.directory)[0] == {}

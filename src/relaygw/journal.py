@@ -18,43 +18,48 @@ The crc covers the kind byte and the payload. Kinds:
 - ``D`` done: payload = queue id; the message has left the journal
   (delivered, bounced, deleted, or moved to a queue file of its own).
 
-Group commit: appends are queued; one writer thread takes all that is
-queued, writes it with one ``writev`` and reports the whole batch back
-through ``callFromThread``. Segments are opened ``O_DSYNC``: the write
-returns once its bytes (and the file size that finds them) are on stable
-storage, as a write and an fdatasync would, in one system call and one
-trip back to the GIL instead of two (end to end at 10 sessions, 3 % more
-messages a second over eight A/B pairs). Without ``O_DSYNC`` (or with
-``synced_writes=False``) the batch is written, then fdatasynced. An append's
-Deferred fires only after the sync that covers it, so the SMTP server's 250
-still follows the disk. A failed write or sync fails the whole batch, and the segment is
+Group commit: the reactor thread writes each batch of records at once (one
+``writev`` into the page cache) and asks the syncer (relaygw.syncer: a child
+process) to fdatasync the segment. One sync is out at a time; what is
+written meanwhile waits for the next, so concurrent appends share one. An
+append's Deferred fires only after a sync that began after its write, so
+the SMTP server's 250 still follows the disk. A writer thread did this
+before; its hand-offs fought the reactor thread for the GIL, and the child
+relays 10-15 % more messages a second end to end (A/B pairs, 10 sessions).
+
+A failed write fails its batch; a failed sync fails everything written
+since the last good one (its pages may be gone). Either way the segment is
 cut back to its last good length so that later records never follow
-garbage (if even that fails, a new segment is started). A done record is not
-waited for: lost in a crash, it only means the message is delivered again.
-Nor does it wake the writer for a synced write of its own: it goes
-with the next message's batch, or after ``DONE_DELAY`` when no message comes.
-Under load each relayed message made one batch for its message and one for
-its done record (1.3 fdatasyncs and 23 futex calls a message, 10 sessions end
-to end); the window in which a crash repeats a delivery grows by at most
+garbage (if even that fails, a new segment is started). A new segment is
+started only once the old one is wholly durable, so only the newest can
+end torn; its name is made durable by its first sync, before any append
+in it is answered.
+
+A done record is not waited for: lost in a crash, it only means the
+message is delivered again. Nor does it ask for a write of its own: it goes
+with the next message's batch, or after ``DONE_DELAY`` when no message
+comes; the window in which a crash repeats a delivery grows by at most
 ``DONE_DELAY``.
 
-Segments are retired (unlinked, the directory fsynced) oldest first, once
-every message in them is done: never one before an older one, whose
-messages the newer one's done records may be what cancels.
+Segments are retired (unlinked by the syncer, the directory fsynced)
+oldest first, one at a time, once every message in them is done: never one
+before an older one, whose messages the newer one's done records may be
+what cancels.
 
 Recovery (``read_segment``, ``live_messages``): records are read in order
 and checked (magic, length, crc). A bad record ends its segment: at the end
 of the newest segment that is the torn tail of a crash (appends in it were
 never acknowledged); anywhere else it is damage, reported with the offset.
+(A crash while a sync is out could, in principle, leave a later write's
+pages on disk and not an earlier one's: recovery then stops at the gap and
+calls it damage. Nothing after the gap was acknowledged, since any sync
+that covered it covered the gap too.)
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import struct
-import threading
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,18 +67,19 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from relaygw.syncer import InlineSyncer, Syncer, fsync_directory
 
 MAGIC = b"RGJ1"
 HEADER = struct.Struct(">4scII")  # magic, kind, length, crc32
 MESSAGE = b"M"
 DONE = b"D"
-RETIRE = b"X"  # not a record: the writer thread unlinks a segment
 ID_LENGTH = 19
 SEGMENT_BYTES = 16 * 1024 * 1024
 DONE_DELAY = 0.05  # seconds a done record may wait for a batch to go with
 IOV_MAX = max(16, os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024)
-O_DSYNC = getattr(os, "O_DSYNC", 0)  # writes that return once durable (POSIX; 0: none)
 
 
 @dataclass(frozen=True)
@@ -238,60 +244,57 @@ def write_done_segment(directory: Path, queue_id: str) -> None:
     fsync_directory(directory)
 
 
-def fsync_directory(directory: Path, os_module: Any = os) -> None:
-    fd = os_module.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os_module.fsync(fd)
-    finally:
-        os_module.close(fd)
-
-
 Entry = tuple[bytes, bytes, "Deferred[Any] | None"]  # kind, payload, who waits
 
 
 class Journal:
-    """The writing side: ``append_message`` fires with the message's Location once
-    it is durable; ``append_done`` is written with the next batch, unwaited for.
+    """The writing side (reactor thread only): ``append_message`` fires with the
+    message's Location once it is durable; ``append_done`` goes with the next
+    write, unwaited for.
 
-    The reactor thread counts the messages not yet done in each segment and
-    has the writer thread retire the oldest segments once they hold none."""
+    Records are written at once, into the page cache; the syncer makes them
+    durable, one request at a time: what is written while one is out waits
+    for the next, so concurrent appends share a sync (group commit). The
+    journal counts the messages not yet done in each segment and has the
+    syncer retire the oldest segments once they hold none."""
+
+    log = Logger()
 
     def __init__(self, directory: Path, reactor: Any, os_module: Any = os,
-                 segment_bytes: int = SEGMENT_BYTES, threaded: bool = True,
-                 done_delay: float = DONE_DELAY,
-                 clock: Callable[[], float] = time.monotonic,
-                 synced_writes: bool = O_DSYNC != 0) -> None:
-        """``threaded=False`` writes each append at once, in the caller's thread
-        (for a reactor without threads: unit tests driving a fake clock).
-        ``done_delay`` and ``clock`` time how long done records wait for a batch.
-        ``synced_writes``: segments opened ``O_DSYNC`` (else an fdatasync a batch)."""
+                 segment_bytes: int = SEGMENT_BYTES, syncer: Syncer | None = None,
+                 done_delay: float = DONE_DELAY) -> None:
+        """Without a ``syncer``, each append is synced at once, in the caller's
+        thread, done records included (unit tests, a reactor without processes).
+        With one, done records wait up to ``done_delay`` seconds (``reactor``'s
+        callLater) for a message to go with."""
         self.directory = Path(directory)
         self.reactor = reactor
-        self.threaded = threaded
-        self._flushing = False
         self.os = os_module
         self.segment_bytes = segment_bytes
-        self.synced_writes = synced_writes and O_DSYNC != 0
-        if not 0 <= done_delay < 3600:  # a queue's get() refuses infinity and NaN
+        self.syncer: Syncer = syncer if syncer is not None else InlineSyncer(
+            self.directory, os_module)
+        self._waits_for_done = syncer is not None
+        if not 0 <= done_delay < 3600:
             raise ValueError(f"done_delay must be 0 to 3600 seconds, not {done_delay!r}")
         self.done_delay = done_delay
-        self._clock = clock
-        self._queue: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        # The writer thread's state:
+        self._queue: list[Entry] = []  # not yet written
+        self._unsynced: list[tuple[Entry, int]] = []  # written: entry, its offset
+        self._syncing: list[tuple[Entry, int]] | None = None  # in the sync asked for
+        self._done_timer: Any = None
+        self._writing = False
+        self._put_back = False  # a failure put done records back in this _write
         self._number = 0
         self._fd: int | None = None
-        self._size = 0  # of the current segment's good part
-        # The reactor thread's: messages not yet done per segment, oldest first;
-        # the last is the newest segment it has heard of, never retired.
+        self._size = 0  # of the current segment's written part
+        self._synced_size = 0  # of its part a sync has covered
+        self._name_durable = True  # False: a new segment; its first sync fsyncs the directory
+        # Messages not yet done per segment, oldest first; the last is the
+        # newest segment, never retired.
         self._live: dict[int, int] = {}
-        # Told of each new segment (reactor thread): the spool moves what lingers.
-        self.on_segment_started: Callable[[int], None] | None = None
-        # The writer thread's: done records to write again, segments to retire.
-        self._unwritten_done: list[Entry] = []
         self._to_retire: list[int] = []
-
-    # --- the reactor thread -------------------------------------------------------
+        self._retiring = False
+        # Told of each new segment: the spool moves what lingers.
+        self.on_segment_started: Callable[[int], None] | None = None
 
     def open(self) -> None:
         """Start a new segment after any there are (blocking; at start-up)."""
@@ -299,174 +302,103 @@ class Journal:
         fsync_directory(self.directory.parent, self.os)  # its name outlives a crash
         numbers = segment_numbers(self.directory)
         self._start_segment((numbers[-1] + 1) if numbers else 1)
+        fsync_directory(self.directory, self.os)
+        self._name_durable = True
         self._segment_started(self._number)
 
     def start(self) -> None:
-        if not self.threaded:
-            return
-        self._thread = threading.Thread(target=self._run, name="relaygw-journal", daemon=True)
-        self._thread.start()
+        self.syncer.start()
 
     def stop(self) -> None:
-        """Write what is queued, then end the writer (blocking). Appends made
-        after this (an attempt cut at shutdown ending late) are written at once,
-        in the caller's thread: nothing is left queued for a thread that is gone."""
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.threaded = False
-        if self._unwritten_done:  # the last batch failed: one more try for its done records
-            self.handle([])
-        self._write_inline()  # and what came after the sentinel
+        """Write what waits, and have it and all written before made durable
+        (blocking). Later appends are synced at once, in the caller's thread."""
+        if self._done_timer is not None and self._done_timer.active():
+            self._done_timer.cancel()
+        self._done_timer = None
+        self._waits_for_done = False
+        self._write()
+        syncer, self.syncer = self.syncer, InlineSyncer(self.directory, self.os)
+        syncer.stop()  # answers the sync out, which asks for the rest: inline now
+        self._write()
+        self._sync()
 
     def append_message(self, queue_id: str, envelope: bytes,
                        message: bytes) -> Deferred[Location]:
         d: Deferred[Location] = Deferred()
-        self._queue.put((MESSAGE, message_payload(queue_id, envelope, message), d))
-        self._write_inline()
+        self._queue.append((MESSAGE, message_payload(queue_id, envelope, message), d))
+        self._write()
         return d
 
     def append_done(self, queue_id: str, location: Location) -> None:
         """The message at ``location`` has left the journal."""
-        self._queue.put((DONE, queue_id.encode("ascii"), None))
-        left = self._live.get(location.segment, 0) - 1
+        self._queue.append((DONE, queue_id.encode("ascii"), None))
         if location.segment in self._live:
-            self._live[location.segment] = max(left, 0)
+            self._live[location.segment] = max(self._live[location.segment] - 1, 0)
         self._retire_done()
-        self._write_inline()
-
-    def _write_inline(self) -> None:
-        """Without a writer thread: do its work now (not again from a callback
-        of its own: the loop already running picks up what that queued)."""
-        if self.threaded or self._flushing:
-            return
-        self._flushing = True
-        try:
-            while not self._queue.empty():
-                batch: list[Entry | None] = []
-                while not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                self.handle(batch)
-        finally:
-            self._flushing = False
-
-    def _to_reactor(self, fn: Any, *args: Any) -> None:
-        if self.threaded:
-            self.reactor.callFromThread(fn, *args)
+        if self._waits_for_done:
+            self._write_done_later()
         else:
-            fn(*args)
+            self._write()
 
     def segments_in_use(self) -> list[int]:
         """The segments not yet retired, oldest first (for tests and metrics)."""
         return list(self._live)
 
-    def _segment_started(self, number: int) -> None:
-        self._live.setdefault(number, 0)  # numbers only grow: the dict stays in order
-        self._retire_done()
-        if self.on_segment_started is not None:
-            self.on_segment_started(number)
+    # --- writing ---------------------------------------------------------------------
 
-    def _retire_done(self) -> None:
-        """Hand the writer the oldest segments that hold no live message."""
-        newest = next(reversed(self._live))
-        for number in list(self._live):
-            if number == newest or self._live[number]:
-                return
-            del self._live[number]
-            self._queue.put((RETIRE, str(number).encode("ascii"), None))
+    def _write_done_later(self) -> None:
+        if self._done_timer is None or not self._done_timer.active():
+            self._done_timer = self.reactor.callLater(self.done_delay, self._write)
 
-    # --- the writer thread --------------------------------------------------------
+    def _write(self) -> None:
+        """Write everything queued as one batch, and ask for its sync. Not again
+        from a callback of its own: the loop running picks up what that queued."""
+        if self._writing:
+            return
+        self._writing = True
+        self._put_back = False
+        try:  # done records a failure put back wait: a failing disk is no busy loop
+            while self._queue and self._write_batch() and not self._put_back:
+                pass
+        finally:
+            self._writing = False
 
-    def _run(self) -> None:
-        while not self.handle(self.next_batch()):
-            pass
-
-    def next_batch(self) -> list[Entry | None]:
-        """Everything queued, once it holds a message or the stop (written at
-        once), or ``done_delay`` after its first entry (writer thread): done
-        records and retirements wait that long for a batch to go with. After
-        a failed batch, ``done_delay`` later even if nothing comes: its done
-        records are not left unwritten while the relay is idle."""
-        if self._unwritten_done:  # a batch failed: its done records are tried again
-            try:
-                batch = [self._queue.get(timeout=self.done_delay)]
-            except queue.Empty:
-                return []
-        else:
-            batch = [self._queue.get()]
-        deadline = self._clock() + self.done_delay
-        checked = 0  # entries already found not urgent: a long wait stays linear
-        while True:
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if _urgent(batch[checked:]):
-                return batch
-            checked = len(batch)
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return batch
-            try:
-                batch.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
-                return batch
-
-    def handle(self, batch: list[Entry | None]) -> bool:
-        """Write one batch's records, then retire what it names (writer thread);
-        True when it holds the stop sentinel. Done records of a batch that
-        failed go out with the next one: dropped, they would bring delivered
-        mail back at the next start."""
-        records = self._unwritten_done + [e for e in batch if e is not None and e[0] != RETIRE]
-        self._unwritten_done = []
-        if records:
-            outcome = self.write_batch(records)
-            if isinstance(outcome, Failure):
-                self._unwritten_done = [e for e in records if e[0] == DONE]
-            if any(kind == MESSAGE for kind, _, _ in records):  # done records: none to tell
-                self._to_reactor(self._report, records, outcome)
-        self._to_retire.extend(int(e[1]) for e in batch if e is not None and e[0] == RETIRE)
-        self._retire_in_order()
-        return None in batch
-
-    def write_batch(self, entries: list[Entry]) -> list[Location] | Failure:
-        """Write one batch durably (blocking): the Location of each entry's
-        message bytes, or the Failure of all. Never raises: the writer thread
-        must live on whatever one batch meets."""
-        try:
-            return self._write_batch(entries)
-        except Exception:
-            return Failure()
-
-    def _write_batch(self, entries: list[Entry]) -> list[Location] | Failure:
-        frames = [frame(kind, payload) for kind, payload, _ in entries]
+    def _write_batch(self) -> bool:
+        """One batch written (or failed); False when it must wait for a sync."""
+        batch = self._take_queue()
+        frames = [frame(kind, payload) for kind, payload, _ in batch]
         total = sum(len(f) for f in frames)
         if self._fd is None or (self._size and self._size + total > self.segment_bytes):
-            self._rotate()
+            if self._syncing is not None or self._unsynced:
+                self._queue[:0] = batch
+                return False  # a new segment only once the old one is durable: _synced
+            try:
+                self._rotate()  # its news may queue more: the next batch's
+            except Exception:
+                self._fail(batch, Failure())
+                return False  # done records put back wait for their timer or a message
         start = self._size
         try:
-            self._write_all(frames)  # durable as it returns, with synced_writes
-            if not self.synced_writes:
-                self.os.fdatasync(self._fd)
+            self._write_all(frames)
         except Exception:
             failure = Failure()
             self._recover_tail(start)
-            return failure
+            self._fail(batch, failure)
+            return False
         self._size = start + total
-        locations = []
         offset = start
-        for (kind, payload, _), whole in zip(entries, frames, strict=True):
-            if kind == MESSAGE:
-                (envelope_length,) = struct.unpack_from(">I", payload, ID_LENGTH)
-                body = offset + HEADER.size + ID_LENGTH + 4 + envelope_length
-                locations.append(Location(self._number, body, offset + len(whole) - body,
-                                          envelope_length))
-            else:
-                locations.append(Location(self._number, offset, 0))
+        for entry, whole in zip(batch, frames, strict=True):
+            self._unsynced.append((entry, offset))
             offset += len(whole)
-        return locations
+        self._sync()
+        return True
+
+    def _take_queue(self) -> list[Entry]:
+        if self._done_timer is not None and self._done_timer.active():
+            self._done_timer.cancel()
+        self._done_timer = None
+        batch, self._queue = self._queue, []
+        return batch
 
     def _write_all(self, frames: list[bytes]) -> None:
         views = [memoryview(f) for f in frames]
@@ -481,9 +413,60 @@ class Journal:
             if written:
                 views[first] = views[first][written:]
 
+    def _sync(self) -> None:
+        """Ask for what is written to be made durable, unless a sync is out."""
+        if self._syncing is not None or not self._unsynced:
+            return
+        assert self._fd is not None
+        self._syncing, self._unsynced = self._unsynced, []
+        end, number, directory = self._size, self._number, not self._name_durable
+        d = self.syncer.sync(segment_name(number), self._fd, directory)
+        d.addCallbacks(self._synced, self._sync_failed, callbackArgs=(end, number, directory),
+                       errbackArgs=(number,))
+
+    def _synced(self, _: None, end: int, number: int, directory: bool) -> None:
+        entries, self._syncing = self._syncing or [], None
+        if number == self._number:
+            self._synced_size = max(self._synced_size, end)
+            self._name_durable = self._name_durable or directory
+        for (kind, payload, d), offset in entries:
+            if kind == MESSAGE:
+                self._live[number] = self._live.get(number, 0) + 1
+            if d is not None:
+                d.callback(_location(number, kind, payload, offset))
+        self._write()  # a batch that waited for a new segment
+        self._sync()
+        self._retire_in_order()
+
+    def _sync_failed(self, failure: Failure, number: int) -> None:
+        """Nothing written since the last good sync can be trusted (a failed
+        fdatasync may have dropped those pages): all of it fails, and the segment
+        is cut back to what the last good sync covered."""
+        entries = (self._syncing or []) + self._unsynced
+        self._syncing, self._unsynced = None, []
+        waiting = bool(self._queue)  # a batch that waited for a new segment
+        if number == self._number:
+            self._recover_tail(self._synced_size)
+        self._fail([entry for entry, _ in entries], failure)
+        if waiting:
+            self._write()
+
+    def _fail(self, batch: list[Entry], failure: Failure) -> None:
+        """The messages' appends fail; the done records go with a later write:
+        dropped, they would bring delivered mail back at the next start."""
+        done = [entry for entry in batch if entry[0] == DONE]
+        if done:
+            self._queue[:0] = done
+            self._put_back = True
+            if self.reactor is not None:
+                self._write_done_later()
+        for _, _, d in batch:
+            if d is not None:
+                d.errback(failure)
+
     def _recover_tail(self, good: int) -> None:
-        """After a failed batch: cut the segment back to its good part, or start
-        a new one if even that fails, so no record ever follows garbage."""
+        """After a failed write or sync: cut the segment back to its good part, or
+        start a new one if even that fails, so no record ever follows garbage."""
         try:
             self.os.ftruncate(self._fd, good)
             self.os.lseek(self._fd, good, os.SEEK_SET)
@@ -502,63 +485,69 @@ class Journal:
             except OSError:
                 pass
         self._start_segment(self._number + 1)
-        self._to_reactor(self._segment_started, self._number)
+        self._segment_started(self._number)
 
     def _start_segment(self, number: int) -> None:
-        """Open a new segment; it is written to only once its name is durable
-        (fdatasync of the file alone does not promise its directory entry)."""
+        """Open a new segment. Its name is made durable by its first sync (the
+        syncer fsyncs the directory too), before any of its appends is answered."""
         path = self.directory / segment_name(number)
         self._number = number  # taken even if this fails: the next try moves on
-        fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                          | os.O_CLOEXEC | (O_DSYNC if self.synced_writes else 0), 0o600)
-        try:
-            fsync_directory(self.directory, self.os)
-        except BaseException:
-            self.os.close(fd)
-            try:
-                self.os.unlink(path)
-            except OSError:
-                pass
-            raise
-        self._fd = fd
-        self._size = 0
+        self._fd = self.os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                                | os.O_CLOEXEC, 0o600)
+        self._size = self._synced_size = 0
+        self._name_durable = False
+
+    # --- retiring --------------------------------------------------------------------
+
+    def _segment_started(self, number: int) -> None:
+        self._live.setdefault(number, 0)  # numbers only grow: the dict stays in order
+        self._retire_done()
+        if self.on_segment_started is not None:
+            self.on_segment_started(number)
+
+    def _retire_done(self) -> None:
+        """Hand the syncer the oldest segments that hold no live message."""
+        newest = next(reversed(self._live))
+        for number in list(self._live):
+            if number == newest or self._live[number]:
+                break
+            del self._live[number]
+            self._to_retire.append(number)
+        self._retire_in_order()
 
     def _retire_in_order(self) -> None:
-        """Unlink the segments handed over, oldest first, durably, stopping at one
-        that fails (tried again after the next batch): a newer one must never go
-        before an older one, whose messages its done records may cancel, and one
-        that came back after a crash would bring back mail that was delivered."""
-        while self._to_retire:
-            number = min(self._to_retire)
-            try:
-                try:
-                    self.os.unlink(self.directory / segment_name(number))
-                except FileNotFoundError:
-                    pass
-                fsync_directory(self.directory, self.os)
-            except OSError:
-                return
-            self._to_retire.remove(number)
+        """Unlink the segments handed over, oldest first, one at a time, each
+        durably, stopping at one that fails (tried again after the next sync): a
+        newer one must never go before an older one, whose messages its done
+        records may cancel, and one that came back after a crash would bring back
+        mail that was delivered."""
+        if self._retiring or not self._to_retire:
+            return
+        self._retiring = True
+        number = min(self._to_retire)
+        d = self.syncer.retire(segment_name(number))
+        d.addCallbacks(self._retired, self._retire_failed, callbackArgs=(number,),
+                       errbackArgs=(number,))
 
-    # --- back in the reactor thread -------------------------------------------------
+    def _retired(self, _: None, number: int) -> None:
+        self._retiring = False
+        self._to_retire.remove(number)
+        self._retire_in_order()
 
-    def _report(self, entries: list[Entry], outcome: list[Location] | Failure) -> None:
-        for index, (kind, _, d) in enumerate(entries):
-            if isinstance(outcome, Failure):
-                if d is not None:
-                    d.errback(outcome)
-                continue
-            if kind == MESSAGE:
-                segment = outcome[index].segment
-                self._live[segment] = self._live.get(segment, 0) + 1
-            if d is not None:
-                d.callback(outcome[index])
+    def _retire_failed(self, failure: Failure, number: int) -> None:
+        self._retiring = False
+        self.log.warn("spool: cannot retire journal segment {name} ({error}); tried"
+                      " again after the next write", name=segment_name(number),
+                      error=failure.getErrorMessage())
 
 
-def _urgent(batch: list[Entry | None]) -> bool:
-    """Whether a batch holds what may not wait: a message (its 250 waits for
-    the sync) or the stop."""
-    return any(entry is None or entry[0] == MESSAGE for entry in batch)
+def _location(number: int, kind: bytes, payload: bytes, offset: int) -> Location:
+    """Where the record written at ``offset`` keeps its message bytes."""
+    if kind != MESSAGE:
+        return Location(number, offset, 0)
+    (envelope_length,) = struct.unpack_from(">I", payload, ID_LENGTH)
+    body = offset + HEADER.size + ID_LENGTH + 4 + envelope_length
+    return Location(number, body, HEADER.size + len(payload) - (body - offset), envelope_length)
 
 
 def read_message(directory: Path, location: Location) -> bytes:

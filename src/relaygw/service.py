@@ -15,7 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorProcess, IReactorThreads
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -40,6 +40,7 @@ from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
 from relaygw.spool import BlockingRunner, MessageSource, Spool
 from relaygw.spoolreader import ChildReader, Entry, ReaderFailed, SpoolReader, ThreadReader
+from relaygw.syncer import journal_syncer
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
 SHUTDOWN_GRACE = 10.0  # seconds that deliveries in flight get at SIGTERM
@@ -62,7 +63,7 @@ class Gateway(Service):
         self.maillog = MailLog()
         self.connections = ConnectionLimiter()
         journal = (Journal(config.queue.directory / "journal", reactor,
-                           threaded=IReactorThreads.providedBy(reactor))
+                           syncer=journal_syncer(reactor, config.queue.directory / "journal"))
                    if config.queue.journal else None)
         self.spool = Spool(config.queue.directory, run_blocking, journal=journal)
         if deliverers is None:

@@ -24,6 +24,21 @@ def queue_files(spool: Path) -> set[str]:
     return {p.name[:-2] for p in spool.glob("*.q")}
 
 
+def syncers(parent: int) -> list[str]:
+    """The journal syncer children of process ``parent``."""
+    found = []
+    for entry in (p for p in Path("/proc").iterdir() if p.name.isdigit()):
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:  # ended while looked at
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == parent \
+                and b"relaygw.syncchild" in command:
+            found.append(entry.name)
+    return found
+
+
 def segments(spool: Path) -> list[Path]:
     return sorted((spool / "journal").glob("*.log"))
 
@@ -43,7 +58,11 @@ def test_journaled_mail_survives_kill9_is_listed_offline_and_becomes_queue_files
     assert journaled, "every message got a queue file: the journal was not used"
     assert segments(spool)
 
+    children = syncers(daemon.proc.pid)
+    assert children, "no syncer child: the journal is synced in the reactor thread"
     daemon.kill9()
+    wait_for(lambda: not [pid for pid in children if Path(f"/proc/{pid}").exists()] or None,
+             10, lambda: f"the syncer outlived its daemon: {children}")
     listed = {e["id"] for e in queue_list(daemon)}  # relaygw is stopped: read from disk
     assert listed == ids
     gone = sorted(journaled)[0]
