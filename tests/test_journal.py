@@ -543,13 +543,20 @@ def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
 # --- done records wait for a batch to go with ------------------------------------------
 
 
-def test_done_records_wait_the_delay_then_go_alone(tmp_path: Path) -> None:
+def delivered_and_waiting(tmp_path: Path) -> tuple[Journal, CountingOS, int]:
+    """A held journal (done_delay 50 ms) whose one message is done, its done
+    record waiting; and how many writes came before it."""
     fake = CountingOS()
     journal = opened(tmp_path, fake, held=True, done_delay=0.05)
     d = journal.append_message(IDS[0], b"{}", b"m")
     journal.syncer.stop()
     writes = fake.writevs
     journal.append_done(IDS[0], result(d))
+    return journal, fake, writes
+
+
+def test_done_records_wait_the_delay_then_go_alone(tmp_path: Path) -> None:
+    journal, fake, writes = delivered_and_waiting(tmp_path)
     journal.reactor.advance(0.049)
     assert fake.writevs == writes and journal._queue
     journal.reactor.advance(0.001)
@@ -560,12 +567,7 @@ def test_done_records_wait_the_delay_then_go_alone(tmp_path: Path) -> None:
 
 
 def test_a_message_ends_the_wait_of_done_records_and_goes_with_them(tmp_path: Path) -> None:
-    fake = CountingOS()
-    journal = opened(tmp_path, fake, held=True, done_delay=0.05)
-    d = journal.append_message(IDS[0], b"{}", b"m")
-    journal.syncer.stop()
-    writes = fake.writevs
-    journal.append_done(IDS[0], result(d))
+    journal, fake, writes = delivered_and_waiting(tmp_path)
     journal.append_message(IDS[1], b"{}", b"next")
     assert fake.writevs == writes + 1  # one write for both
     assert not journal.reactor.getDelayedCalls()  # the timer is gone with them

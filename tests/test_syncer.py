@@ -20,22 +20,10 @@ import relaygw
 from relaygw import syncer as syncer_module
 from relaygw.syncer import ProcessSyncer, journal_syncer
 from support import log_events
+from test_journal import fired, result
 from test_spoolreader import ProcessReactor
 
 NAME = "0000000000000001.log"
-
-
-def result(d: Any) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "not fired"
-    return out[0]
-
-
-def fired(d: Any) -> bool:
-    out: list[Any] = []
-    d.addBoth(lambda r: out.append(r) or r)
-    return bool(out)
 
 
 class CountingOS:
