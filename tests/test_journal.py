@@ -596,3 +596,27 @@ def test_done_records_of_a_failed_write_are_tried_again_while_idle(tmp_path: Pat
 def test_a_done_delay_that_cannot_be_waited_is_refused(tmp_path: Path, delay: float) -> None:
     with pytest.raises(ValueError, match="done_delay"):
         Journal(tmp_path / "journal", Clock(), done_delay=delay)
+
+
+def test_a_segment_that_cannot_be_cut_back_is_left_only_once_its_syncs_are_answered(
+        tmp_path: Path) -> None:
+    """A failed write whose tail cannot be cut back while a sync is out: what was
+    written before it is still synced in, and answered with, the old segment."""
+    class NoTruncate(CountingOS):
+        def ftruncate(self, fd: int, length: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    fake = NoTruncate()
+    journal = opened(tmp_path, fake, held=True)
+    first = journal.append_message(IDS[0], b"{}", b"first")
+    second = journal.append_message(IDS[1], b"{}", b"second")  # waits for the next sync
+    fake.fail_writev_after = 5
+    assert isinstance(result(journal.append_message(IDS[2], b"{}", b"lost")), Failure)
+    fake.fail_writev_after = None
+    later = journal.append_message(IDS[3], b"{}", b"later")  # waits: no new segment yet
+    assert segment_numbers(journal.directory) == [1]
+    journal.syncer.stop()
+    kept = result(second)
+    assert result(first).segment == 1 and kept.segment == 1
+    assert read_message(journal.directory, kept) == b"second"
+    assert result(later).segment == 2

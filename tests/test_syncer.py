@@ -152,7 +152,7 @@ def test_an_answer_that_is_none_kills_the_child(segment: tuple[Path, int]) -> No
     syncer, reactor, _ = started(directory)
     d = syncer.sync(NAME, fd, False)
     [child] = reactor.syncers
-    child.send(b"what?\n")
+    child.send(b"E 99999999999\n")  # no errno: as garbled as any
     assert child.transport.signals == ["KILL"] and not fired(d)
     with log_events():
         child.end(ProcessTerminated(signal="KILL"))

@@ -283,6 +283,7 @@ class Journal:
         self._done_timer: Any = None
         self._writing = False
         self._put_back = False  # a failure put done records back in this _write
+        self._must_rotate = False  # the tail could not be cut back: a new segment next
         self._number = 0
         self._fd: int | None = None
         self._size = 0  # of the current segment's written part
@@ -368,7 +369,8 @@ class Journal:
         batch = self._take_queue()
         frames = [frame(kind, payload) for kind, payload, _ in batch]
         total = sum(len(f) for f in frames)
-        if self._fd is None or (self._size and self._size + total > self.segment_bytes):
+        if self._fd is None or self._must_rotate or (
+                self._size and self._size + total > self.segment_bytes):
             if self._syncing is not None or self._unsynced:
                 self._queue[:0] = batch
                 return False  # a new segment only once the old one is durable: _synced
@@ -429,9 +431,10 @@ class Journal:
         if number == self._number:
             self._synced_size = max(self._synced_size, end)
             self._name_durable = self._name_durable or directory
-        for (kind, payload, d), offset in entries:
+        for (kind, _, _), _ in entries:  # counted before any callback can retire
             if kind == MESSAGE:
                 self._live[number] = self._live.get(number, 0) + 1
+        for (kind, payload, d), offset in entries:
             if d is not None:
                 d.callback(_location(number, kind, payload, offset))
         self._write()  # a batch that waited for a new segment
@@ -472,12 +475,16 @@ class Journal:
             self.os.lseek(self._fd, good, os.SEEK_SET)
             self._size = good
         except Exception:
+            if self._syncing is not None or self._unsynced:
+                self._must_rotate = True  # once what is written here is synced
+                return
             try:
                 self._rotate()
             except Exception:
                 pass  # no segment now: the next batch tries to start one
 
     def _rotate(self) -> None:
+        self._must_rotate = False
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:

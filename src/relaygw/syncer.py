@@ -190,17 +190,16 @@ class ProcessSyncer:
         if not self._pending:
             self._lost(f"the journal's syncer answered what it was not asked: {line!r:.100}")
             return
+        code, _, number = line.partition(b" ")
+        if line != b"K" and not (code == b"E" and number.isdigit() and len(number) <= 5):
+            self._lost(f"the journal's syncer sent an answer that is none: {line!r:.100}")
+            return
         request = self._pending.popleft()
         if line == b"K":
             request.deferred.callback(None)
-            return
-        code, _, number = line.partition(b" ")
-        if code == b"E" and number.isdigit():
+        else:
             error = int(number)
             request.deferred.errback(OSError(error, os.strerror(error)))
-        else:
-            self._pending.appendleft(request)
-            self._lost(f"the journal's syncer sent an answer that is none: {line!r:.100}")
 
     def _lost(self, why: str) -> None:
         """The child cannot be trusted any more: it is ended, and replaced."""
