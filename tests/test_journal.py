@@ -33,6 +33,7 @@ from relaygw.journal import (
     write_done_segment,
 )
 from relaygw.syncer import InlineSyncer
+from support import logged_errors
 
 IDS = [f"{n:019X}" for n in range(1, 40)]
 
@@ -543,10 +544,11 @@ def test_telling_damage_from_a_torn_tail_costs_a_bounded_number_of_bytes(
 # --- done records wait for a batch to go with ------------------------------------------
 
 
-def delivered_and_waiting(tmp_path: Path) -> tuple[Journal, CountingOS, int]:
+def delivered_and_waiting(tmp_path: Path, fake: CountingOS | None = None
+                          ) -> tuple[Journal, CountingOS, int]:
     """A held journal (done_delay 50 ms) whose one message is done, its done
     record waiting; and how many writes came before it."""
-    fake = CountingOS()
+    fake = fake or CountingOS()
     journal = opened(tmp_path, fake, held=True, done_delay=0.05)
     d = journal.append_message(IDS[0], b"{}", b"m")
     journal.syncer.stop()
@@ -620,3 +622,35 @@ def test_a_segment_that_cannot_be_cut_back_is_left_only_once_its_syncs_are_answe
     assert result(first).segment == 1 and kept.segment == 1
     assert read_message(journal.directory, kept) == b"second"
     assert result(later).segment == 2
+
+
+def test_the_stop_tries_done_records_of_a_failed_write_once_more(tmp_path: Path) -> None:
+    """No timer runs once the reactor stops: the stop itself tries again, after
+    the syncer's stop."""
+    class FailsOnce(CountingOS):
+        fail_at = -1
+
+        def writev(self, fd: int, buffers: list[Any]) -> int:
+            if self.writevs == self.fail_at:
+                self.writevs += 1
+                raise OSError(errno.EIO, "Input/output error")
+            return super().writev(fd, buffers)
+
+    fake = FailsOnce()
+    journal, _, writes = delivered_and_waiting(tmp_path, fake)
+    fake.fail_at = writes
+    with logged_errors() as errors:
+        journal.stop()
+    assert journal._queue == [] and errors == []
+    assert live_messages(journal.directory)[0] == {}
+
+
+def test_done_records_the_stop_cannot_write_are_told_of(tmp_path: Path) -> None:
+    fake = CountingOS()
+    journal, _, _ = delivered_and_waiting(tmp_path, fake)
+    fake.fail_writev_after = 0
+    with logged_errors() as errors:
+        journal.stop()
+    assert [e.get("count") for e in errors] == [1]
+    assert "delivered again at the next start" in errors[0]["log_format"]
+    assert list(live_messages(journal.directory)[0]) == [IDS[0]]  # comes back: not lost

@@ -314,7 +314,10 @@ class Journal:
 
     def stop(self) -> None:
         """Write what waits, and have it and all written before made durable
-        (blocking). Later appends are synced at once, in the caller's thread."""
+        (blocking). Later appends are synced at once, in the caller's thread.
+        Done records a failed write puts back are tried once more (after the
+        syncer's stop), then told of in the log: no timer runs now, and their
+        messages come back at the next start (never lost)."""
         if self._done_timer is not None and self._done_timer.active():
             self._done_timer.cancel()
         self._done_timer = None
@@ -324,6 +327,11 @@ class Journal:
         syncer.stop()  # answers the sync out, which asks for the rest: inline now
         self._write()
         self._sync()
+        if self._queue:  # done records a failed write put back: no timer runs now
+            self.log.error(
+                "spool: {count} done record(s) could not be written to the journal at"
+                " stop; those messages will be delivered again at the next start",
+                count=len(self._queue))
 
     def append_message(self, queue_id: str, envelope: bytes,
                        message: bytes) -> Deferred[Location]:
