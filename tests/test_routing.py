@@ -302,3 +302,39 @@ def test_maildir_for_refuses_names_unsafe_on_disk(local: str) -> None:
 
 def test_refusal_is_never_a_mailbox() -> None:
     assert not isinstance(ROUTER.route_recipient(Mailbox("u", "elsewhere.test"), False), list)
+
+
+# --- <Postmaster> (RFC 5321 4.5.1) ----------------------------------------------------
+
+
+def postmaster_router(routes: str, aliases: str = "") -> Router:
+    return Router(parse_config(f'[[listener]]\nendpoint = "tcp:2525"\n{routes}\n{aliases}',
+                               "<test>"))
+
+
+@pytest.mark.parametrize(("routes", "aliases", "address", "action"), [
+    ('[[route]]\ndomains = ["relay.example.test"]\naction = "local"\n', "",
+     "postmaster@relay.example.test", "local"),
+    ('[[route]]\ndomains = ["example.test"]\naction = "local"\n'
+     '[[route]]\ndomains = ["*"]\naction = "relay"\n', "",
+     "postmaster@example.test", "local"),
+    ('[[route]]\ndomains = ["*"]\naction = "relay"\n',
+     '[aliases]\n"postmaster@example.test" = ["ops@elsewhere.test"]\n',
+     "ops@elsewhere.test", "relay"),
+    ('[[route]]\ndomains = ["*"]\naction = "relay"\naccept_from = "trusted"\n', "",
+     "postmaster@relay.example.test", "relay"),
+], ids=["the hostname's own", "a parent domain's, before a relay", "an alias",
+        "relayed as it is, trusted or not"])
+def test_postmaster_goes_where_one_is_configured(routes: str, aliases: str, address: str,
+                                                 action: str) -> None:
+    _, outcome = postmaster_router(routes, aliases).route_postmaster("relay.example.test")
+    assert not isinstance(outcome, Refusal)
+    assert [(r.address, r.action) for r in outcome] == [(address, action)]
+
+
+def test_postmaster_with_no_route_at_all_is_the_hostnames_refusal() -> None:
+    router = postmaster_router('[[route]]\ndomains = ["other.test"]\naction = "local"\n')
+    mailbox, outcome = router.route_postmaster("relay.example.test")
+    assert (str(mailbox), outcome) == ("postmaster@relay.example.test", NO_ROUTE)
+    _, single = router.route_postmaster("localhost")
+    assert single == NO_ROUTE

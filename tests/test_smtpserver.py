@@ -138,7 +138,14 @@ DIALOGS: dict[str, list[Step]] = {
                          ("DATA", [replies.NEED_RCPT])],
     "data after refused rcpt": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
                                 ("RCPT TO:<x@reject.test>", [REJECTED.reply]),
-                                ("DATA", [replies.NEED_RCPT])],
+                                ("DATA", [replies.NO_VALID_RECIPIENTS])],
+    "data after a malformed rcpt": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
+                                    ("RCPT TO:<>", [replies.BAD_RECIPIENT]),
+                                    ("DATA", [replies.NO_VALID_RECIPIENTS])],
+    "data after rset and mail": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
+                                 ("RCPT TO:<x@reject.test>", [REJECTED.reply]),
+                                 ("RSET", [replies.OK]), (MAIL, [replies.SENDER_OK]),
+                                 ("DATA", [replies.NEED_RCPT])],
     "nested mail": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
                     (MAIL, [replies.NESTED_MAIL])],
     "rset ends the transaction": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
@@ -208,7 +215,9 @@ DIALOGS: dict[str, list[Step]] = {
     "turn": [("TURN", [replies.TURN_REFUSED])],
     "turn after ehlo": [(EHLO, EHLO_REPLY), ("TURN", [replies.TURN_REFUSED])],
     "starttls without tls": [(EHLO, EHLO_REPLY), ("STARTTLS", [replies.TLS_UNAVAILABLE])],
-    "etrn before helo": [("ETRN example.test", [replies.NEED_HELO])],
+    "etrn before helo": [("ETRN example.test", [replies.ETRN_STARTED])],  # as Postfix
+    "etrn in a transaction": [(EHLO, EHLO_REPLY), (MAIL, [replies.SENDER_OK]),
+                              ("ETRN example.test", [replies.IN_TRANSACTION])],
     "quit": [("QUIT", [replies.BYE])],
 }
 
@@ -227,6 +236,8 @@ def test_reply_constants_are_what_the_contract_names() -> None:
     assert replies.NEED_HELO.startswith("503 5.5.1 ")
     assert replies.NEED_MAIL.startswith("503 5.5.1 ")
     assert replies.NEED_RCPT.startswith("503 5.5.1 ")
+    assert replies.NO_VALID_RECIPIENTS.startswith("554 5.5.1 ")
+    assert replies.IN_TRANSACTION.startswith("503 5.5.1 ")
     assert replies.NESTED_MAIL.startswith("503 5.5.1 ")
     assert replies.UNKNOWN_COMMAND.startswith("500 5.5.2 ")
     assert replies.COMMAND_TOO_LONG.startswith("500 5.5.2 ")
@@ -1078,3 +1089,71 @@ def test_replies_to_a_pipelined_batch_leave_in_one_write(gateway: FakeGateway) -
     assert batch[-5:] == [replies.SENDER_OK, replies.RECIPIENT_OK, replies.OK, replies.OK, ""]
     protocol.dataReceived(b"QUIT\r\n")  # a reply to a lone command goes at once too
     assert len(transport.writes) == 3 and transport.disconnecting
+
+
+# --- RFC 5321 4.5.1: <Postmaster> ------------------------------------------------------
+
+
+def test_postmaster_without_a_domain_is_accepted_from_anyone(gateway: FakeGateway) -> None:
+    """Taken as postmaster@example.test here (the hostname's parent domain), whose
+    alias names alice: a relay denial for the untrusted client does not apply."""
+    session = greet(gateway, UNTRUSTED_PEER)
+    session.send(f"{MAIL}\r\n")
+    assert session.send("RCPT TO:<Postmaster>\r\n") == [replies.RECIPIENT_OK]
+    lines = session.send(b"DATA\r\nhi\r\n.\r\n")
+    envelope = gateway.envelope(queued_id(lines[1]))
+    assert [(r.address, r.original, r.action) for r in envelope.recipients] == [
+        ("alice@example.test", "postmaster@example.test", "local")]
+
+
+# --- recipients over max_recipients -----------------------------------------------------
+
+
+def test_recipients_over_the_limit_do_not_end_the_session(gateway: FakeGateway) -> None:
+    """A client that sends its whole recipient list at once keeps its transaction
+    (as Postfix's smtpd_recipient_overshoot_limit): the refusals past
+    max_recipients are not errors toward the MAX_ERRORS close."""
+    session = greet(gateway)
+    rcpts = b"".join(f"RCPT TO:<x{n}@elsewhere.test>\r\n".encode()
+                     for n in range(5 + MAX_ERRORS + 5))
+    lines = session.send(f"{MAIL}\r\n".encode() + rcpts + b"DATA\r\nhi\r\n.\r\n")
+    assert lines[:-2] == [replies.SENDER_OK] + [replies.RECIPIENT_OK] * 5 + [
+        replies.TOO_MANY_RECIPIENTS] * (MAX_ERRORS + 5)
+    assert lines[-2] == replies.START_DATA
+    assert len(gateway.envelope(queued_id(lines[-1])).recipients) == 5
+    assert not session.closed
+
+
+# --- the client half-closes: what it sent is answered ------------------------------------
+
+
+def test_a_half_closed_client_hears_its_250_and_the_session_closes(tmp_path: Path) -> None:
+    runner = ManualRunner()
+    gateway = make_gateway(tmp_path, run_blocking=runner)
+    session = greet(gateway)
+    session.send(transaction(b"hello\r\n") + b"QUIT\r\n")
+    session.protocol.readConnectionLost()  # shutdown(SHUT_WR): all it will send
+    assert not session.closed  # the commit is out: its 250 is still to come
+    runner.run_all()
+    lines = session.new_lines()
+    assert lines == [replies.queued(queued_id(lines[0])), replies.BYE]
+    assert session.closed and gateway.queued_ids() == [queued_id(lines[0])]
+
+
+def test_a_half_close_without_quit_answers_then_closes(gateway: FakeGateway) -> None:
+    session = greet(gateway)
+    session.send(transaction(b"hello\r\n") + b"NOOP\r\nNOO")  # a command cut short
+    session.protocol.readConnectionLost()
+    assert session.closed
+    assert session.new_lines() == []  # everything complete was answered already
+    assert len(gateway.queued_ids()) == 1
+
+
+def test_a_half_close_inside_data_queues_nothing(gateway: FakeGateway) -> None:
+    session = greet(gateway)
+    session.send(f"{MAIL}\r\n{RCPT}\r\nDATA\r\nSubject: cut\r\n".encode())
+    session.protocol.readConnectionLost()
+    assert session.closed
+    session.lose()
+    assert_nothing_queued(gateway)
+    assert not [n for n in gateway.files() if n.startswith("tmp-")]

@@ -135,6 +135,35 @@ class Router:
             recipients.append(outcome)
         return recipients
 
+    def route_postmaster(self, hostname: str) -> tuple[Mailbox, Refusal | list[Recipient]]:
+        """Where ``RCPT TO:<Postmaster>`` (no domain) goes. RFC 5321 4.5.1 says it
+        MUST be accepted, so it is routed as a trusted client's would be.
+
+        Postfix takes it as ``postmaster@$myhostname``, a local address whose
+        alias names a person. relaygw tries ``postmaster@<hostname>``, then
+        ``postmaster@`` each parent domain of the hostname (relay.example.test,
+        then example.test), and takes the first that is delivered locally or
+        aliased; else the first that routes at all (relayed as it is); else the
+        hostname's refusal (no route, no mailbox: the configuration names no
+        postmaster, and a 250 would only end in a bounce)."""
+        labels = hostname.lower().rstrip(".").split(".")
+        domains = [".".join(labels[i:]) for i in range(max(len(labels) - 1, 1))]
+        relayed: tuple[Mailbox, Refusal | list[Recipient]] | None = None
+        refused: tuple[Mailbox, Refusal | list[Recipient]] | None = None
+        for domain in domains:
+            mailbox = Mailbox("postmaster", domain)
+            outcome = self.route_recipient(mailbox, trusted=True)
+            if isinstance(outcome, Refusal):
+                refused = refused or (mailbox, outcome)
+            elif any(r.action == "local" or r.address.lower() != str(mailbox).lower()
+                     for r in outcome):
+                return mailbox, outcome
+            else:
+                relayed = relayed or (mailbox, outcome)
+        chosen = relayed or refused
+        assert chosen is not None  # domains is never empty
+        return chosen
+
     def _route_one(self, target: Mailbox, original: Mailbox, *, check_access: bool,
                    trusted: bool) -> Refusal | Recipient:
         route = self.find_route(target.domain)

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relaygw import replies
-from relaygw.addresses import AddressError, Mailbox, parse_params, parse_path
+from relaygw.addresses import AddressError, parse_params, parse_path
 from relaygw.addresses import split_path_and_params as split_path
 from relaygw.auth import Authenticator, decode_base64, parse_plain
 from relaygw.config import Config
@@ -124,8 +125,10 @@ class Transaction:
     given: list[str] = field(default_factory=list)  # RCPT addresses as accepted
     declared_size: int | None = None
     body: str | None = None  # BODY=8BITMIME is passed on when relaying
+    rcpt_attempts: int = 0  # RCPT commands that named a recipient, taken or not
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(Protocol):
     log = Logger()
 
@@ -155,6 +158,7 @@ class SMTPServerProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._last_input = 0.0  # when the client last sent anything (the idle timer's base)
         self.draining = False
+        self._input_ended = False  # the client half-closed: answer what it sent, then close
 
     # --- connection ------------------------------------------------------------
 
@@ -199,6 +203,27 @@ class SMTPServerProtocol(Protocol):
             self.gateway.connections.release(self.client_host)
             self.gateway.connections.sessions.discard(self)
             self.gateway.maillog.disconnect(self.client_host)
+
+    def readConnectionLost(self) -> None:
+        """The client has sent all it will (``shutdown(SHUT_WR)``, ``nc -N``) but
+        still reads: what it sent is answered, as Postfix answers it (the 250
+        of a message queued included: without it the client would send it
+        again), and then the session closes. Data the end cut off is not
+        queued. (Only on plain TCP: Twisted's TLS layer reports the end as a
+        lost connection.)"""
+        self._input_ended = True
+        self._close_if_input_done()
+
+    def writeConnectionLost(self) -> None:
+        """Never asked for: relaygw does not half-close its side."""
+
+    def _close_if_input_done(self) -> None:
+        if (self._input_ended and not self.closing and not self._busy
+                and not self._processing):
+            self._abort_data()
+            self._flush_replies()
+            self.closing = True
+            lose_connection(self.transport)
 
     def reply(self, text: str) -> None:
         data = text.encode("utf-8", "replace") + b"\r\n"
@@ -278,6 +303,7 @@ class SMTPServerProtocol(Protocol):
         finally:
             self._processing = False
             self._flush_replies()
+        self._close_if_input_done()
 
     def _process_buffer(self) -> None:
         while not self._busy and not self.closing and self._buffer:
@@ -448,26 +474,31 @@ class SMTPServerProtocol(Protocol):
         if transaction is None:
             self._error(replies.NEED_MAIL)
             return
+        transaction.rcpt_attempts += 1
         if argument[:3].upper() != "TO:":
             self._error(replies.SYNTAX_RCPT)
             return
         try:
             path, param_text = split_path(argument[3:])
-            if path[1:-1].lower() == "postmaster":  # RFC 5321 4.5.1: always accepted
-                mailbox = Mailbox("postmaster", self.config.hostname.lower())
-            else:
-                mailbox = parse_path(path, allow_null=False)  # type: ignore[assignment]
+            postmaster = path[1:-1].lower() == "postmaster"
+            if not postmaster:
+                mailbox = parse_path(path, allow_null=False)
             if parse_params(param_text):
                 self._error(replies.UNKNOWN_PARAMETER.replace("MAIL", "RCPT"))
                 return
         except AddressError:
             self._reject("RCPT", replies.BAD_RECIPIENT, "syntax", recipient=argument[3:])
             return
+        if postmaster:  # RFC 5321 4.5.1: accepted from anyone (relaygw.routing)
+            mailbox, outcome = self.gateway.router.route_postmaster(self.config.hostname)
         if len(transaction.given) >= self.config.limits.max_recipients:
+            # Not counted as an error (as Postfix's recipient overshoot): a client
+            # sending many recipients at once keeps its transaction.
             self._reject("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
-                         recipient=str(mailbox))
+                         recipient=str(mailbox), counted=False)
             return
-        outcome = self.gateway.router.route_recipient(mailbox, self.trusted)
+        if not postmaster:
+            outcome = self.gateway.router.route_recipient(mailbox, self.trusted)
         if isinstance(outcome, Refusal):
             self._reject("RCPT", outcome.reply, outcome.reason, recipient=str(mailbox))
             return
@@ -480,12 +511,16 @@ class SMTPServerProtocol(Protocol):
         self.reply(replies.RECIPIENT_OK)
 
     def _reject(self, command: str, reply: str, reason: str, *, sender: str | None = None,
-                recipient: str | None = None) -> None:
+                recipient: str | None = None, counted: bool = True) -> None:
+        """Log and metric the refusal; ``counted``: toward MAX_ERRORS as well."""
         sender = sender if sender is not None else (
             self.transaction.sender if self.transaction else None)
         self.gateway.maillog.reject(self.client_host, command, reply, reason, sender=sender,
                                     recipient=recipient)
-        self._error(reply)
+        if counted:
+            self._error(reply)
+        else:
+            self.reply(reply)
 
     def smtp_DATA(self, argument: str) -> None:
         if argument:
@@ -495,7 +530,10 @@ class SMTPServerProtocol(Protocol):
             self._error(replies.NEED_MAIL)
             return
         if not self.transaction.recipients:
-            self._error(replies.NEED_RCPT)
+            # RFC 5321 3.3 allows 503 or 554: 503 when no RCPT came (a sequence
+            # error), 554 when every one was refused (as Postfix says then).
+            self._error(replies.NO_VALID_RECIPIENTS if self.transaction.rcpt_attempts
+                        else replies.NEED_RCPT)
             return
         try:
             self._incoming = self.gateway.spool.open_incoming()
@@ -616,8 +654,10 @@ class SMTPServerProtocol(Protocol):
         self._error(replies.TURN_REFUSED)
 
     def smtp_ETRN(self, argument: str) -> None:
-        if self.helo is None:
-            self._error(replies.NEED_HELO)
+        """RFC 1985. No HELO needed first (as Postfix without smtpd_helo_required),
+        but not inside a transaction."""
+        if self.transaction is not None:
+            self._error(replies.IN_TRANSACTION)
             return
         if not self.trusted:
             self._reject("ETRN", replies.ETRN_DENIED, "etrn_denied")
