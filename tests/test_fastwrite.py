@@ -172,3 +172,34 @@ class LoseConnectionTests(TestCase):
         transport = StringTransport()
         lose_connection(transport)
         self.assertTrue(transport.disconnecting)
+
+
+class _StartedTLS:
+    """What Twisted's TCP transport looks like after ``startTLS``: its protocol is
+    the TLS layer, ``TLS`` is set."""
+
+    TLS = True
+
+    def __init__(self, layer: Any) -> None:
+        self.protocol = layer
+        self.aborted = False
+        self.lost = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+
+def test_a_starttls_session_before_its_handshake_is_aborted() -> None:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    layer = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)  # no handshake yet
+    transport = _StartedTLS(layer)
+    lose_connection(transport)
+    assert transport.aborted and not transport.lost
+    layer._handshakeDone = True  # once it is done, TLS's orderly close
+    again = _StartedTLS(layer)
+    lose_connection(again)
+    assert again.lost and not again.aborted

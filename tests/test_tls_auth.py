@@ -704,3 +704,20 @@ def test_starttls_on_a_transport_without_tls(tmp_path: Path, issued: IssuedCert)
     session.new_lines()
     assert "STARTTLS" not in ehlo_keywords(session.send("EHLO client.test\r\n"))
     assert session.send("STARTTLS\r\n") == [replies.TLS_UNAVAILABLE]
+
+
+def test_a_session_that_never_starts_its_handshake_is_aborted_at_the_timeout(
+        tmp_path: Path, issued: IssuedCert) -> None:
+    """``submissions`` with no ClientHello ever: the 421 cannot reach the client,
+    and TLS's orderly close would wait for the handshake forever, holding the
+    client's connection slot."""
+    gateway = secure_gateway(tmp_path, issued)
+    assert gateway.server_tls is not None
+    factory = implicit_tls_factory(gateway.server_tls,
+                                   SMTPFactory(gateway, "submissions", "test"), gateway.clock)
+    wire = StringTransport(peerAddress=UNTRUSTED_PEER)
+    protocol = factory.buildProtocol(UNTRUSTED_PEER)
+    protocol.makeConnection(wire)
+    gateway.clock.advance(30)  # command_timeout
+    assert wire.disconnected  # aborted (StringTransport's mark), not waiting
+    assert wire.value() == b""  # nothing in clear text, ever

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import main, tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from relaygw.soon import call_soon
@@ -66,13 +67,29 @@ def lose_connection(transport: Any) -> None:
     nothing is buffered: reading stops now, and the socket is closed (orderly, a
     FIN after what was sent) on the reactor's next turn, outside the protocol's
     own call. Saves two ``epoll_ctl``, a ``shutdown`` and a loop turn per closed
-    session."""
+    session.
+
+    A TLS session whose handshake never finished is aborted instead: nothing
+    written can reach its client, and TLS's orderly close would wait for the
+    handshake forever (Twisted aborts only when nothing was written), holding
+    the session's connection slot."""
+    if _tls_handshake_pending(transport):
+        transport.abortConnection()
+        return
     if not _shortcut_allowed(transport) or transport.producer is not None:
         transport.loseConnection()
         return
     transport.stopReading()
     transport.disconnecting = True  # what loseConnection marks: no shortcut writes now
     call_soon(transport.reactor, _close_if_flushed, transport)
+
+
+def _tls_handshake_pending(transport: Any) -> bool:
+    """TLS on ``transport`` (implicit: the transport is the TLS layer; STARTTLS:
+    the TCP transport's protocol is) and its handshake not yet done."""
+    layer = transport if isinstance(transport, TLSMemoryBIOProtocol) else (
+        getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else None)
+    return isinstance(layer, TLSMemoryBIOProtocol) and not layer._handshakeDone
 
 
 def _close_if_flushed(transport: Any) -> None:
