@@ -47,6 +47,7 @@ from relaygw.envelope import Envelope, Recipient
 from relaygw.interfaces import DeliveryResult, IDeliverer, Status
 from relaygw.messagecache import WireReady
 from relaygw.spool import Spool
+from support import logged_errors
 
 MX_PORT = 2525
 DEFAULT_TIMEOUTS = Timeouts()
@@ -917,6 +918,25 @@ def test_cancelling_a_pipelined_delivery_ends_it_at_once(tmp_path: Path) -> None
     assert [w.what for w in dialog.proto._waiters] in ([], ["QUIT"])  # none of the cut ones
     dialog.proto.connectionLost(Failure(ConnectionLost("aborted")))  # as TCP then says
     assert dialog.clock.getDelayedCalls() == []
+
+
+def test_cancelling_while_the_end_of_data_is_awaited_defers_without_a_crash(
+        tmp_path: Path) -> None:
+    """Shutdown's grace ending while the next hop holds its reply to the dot: the
+    recipients are deferred as cut short at shutdown, naming the hop, and no
+    crash is logged."""
+    dialog = Dialog(tmp_path, "a@example.test")
+    dialog.server("220 mx ESMTP")
+    dialog.server("250-mx", "250 PIPELINING")
+    dialog.server("250 2.1.0 Ok", "250 2.1.5 Ok", "354 go ahead")
+    dialog.stream()
+    with logged_errors() as errors:
+        dialog.result.cancel()
+        [result] = result_of(dialog.result)
+    assert errors == []
+    assert result.status is Status.DEFERRED
+    assert "cut short at shutdown" in result.reply and result.remote == MX1
+    assert dialog.transport.disconnecting
 
 
 def test_without_pipelining_each_command_waits_for_its_reply(tmp_path: Path) -> None:

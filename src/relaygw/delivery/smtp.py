@@ -745,11 +745,13 @@ class _Session:
         return [outcome if r is None else r for r in results]
 
     async def _send_message(self) -> Reply | Exception:
+        """The message and the reply to its dot; a CancelledError (shutdown's grace
+        ended) is an outcome too: the recipients are deferred, as cut short."""
         try:
             with self._open_message() as source:
                 await self.proto.send_message(source, self.t.data_block)
             return await self.proto.expect(self.t.data_end, "the end of data")
-        except (*SESSION_ERRORS, OSError) as e:
+        except (*SESSION_ERRORS, OSError, CancelledError) as e:
             self.proto.abort()
             return e
 
