@@ -53,6 +53,7 @@ from relaygw.queueview import parse_rfc3339, queue_listing, show_entry
 from relaygw.routing import Refusal, Router
 from relaygw.scheduler import MessageHeld, UnknownMessage
 from relaygw.spool import Spool
+from relaygw.startcheck import check_files
 
 
 class Failure(Exception):
@@ -60,6 +61,7 @@ class Failure(Exception):
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> None:
+    check_files(config)  # relative paths: from here, as twistd's --rundir would be
     print(f"config: {config.source}: ok")
     print(f"hostname: {config.hostname}")
     for listener in config.listeners:

@@ -15,6 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -77,10 +78,21 @@ class Gateway(Service):
         self.server_tls = ServerTLS(config.tls) if config.tls is not None else None
         self.authenticator = (Authenticator(config.auth.users_file, run_blocking)
                               if config.auth is not None else None)
+        self._files_loaded = False
 
-    def startService(self) -> None:
-        # An unusable certificate or users file stops start-up before anything listens
-        # (the listeners start after the gateway).
+    def privilegedStartService(self) -> None:
+        """twistd binds every listener (their privilegedStartService) before any
+        service's startService: the files are read here, first (the gateway is
+        the first service), so that an unusable one stops start-up before
+        anything listens. twistd is in its --rundir by now."""
+        self._load_files()
+        super().privilegedStartService()
+
+    def _load_files(self) -> None:
+        """Certificate and users file, once (startService alone, in tests, reads
+        them too)."""
+        if self._files_loaded:
+            return
         try:
             if self.server_tls is not None:
                 self.server_tls.load()
@@ -89,6 +101,10 @@ class Gateway(Service):
         except (TLSLoadError, UsersFileError) as e:
             raise SystemExit(f"relaygw: configuration error: {self.config.source}: {e}") \
                 from None
+        self._files_loaded = True
+
+    def startService(self) -> None:
+        self._load_files()
         super().startService()
         if self.disk is not None:
             self.disk.start()
@@ -394,6 +410,26 @@ def relay_deliverer(config: Config, reactor: Any,
                               source=source)
 
 
+class Listening(StreamServerEndpointService):
+    """A listener whose port cannot be bound (in use, not allowed) stops start-up
+    with one line naming it, not a traceback."""
+
+    def __init__(self, endpoint: Any, factory: Any, source: str, what: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.source = source
+        self.what = what
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError.strerror if isinstance(e.socketError, OSError) \
+                else e.socketError
+            raise SystemExit(f"relaygw: cannot listen: {self.source}: {self.what}: "
+                             f"{reason}") from None
+
+
 def build_service(config: Config, reactor: Any,
                   run_blocking: BlockingRunner | None = None) -> MultiService:
     top = MultiService()
@@ -415,16 +451,15 @@ def build_service(config: Config, reactor: Any,
         if listener.kind == "submissions":
             assert gateway.server_tls is not None  # config.py demands [tls] for it
             factory = implicit_tls_factory(gateway.server_tls, factory, reactor)
-        service = StreamServerEndpointService(endpoint, factory)
-        service._raiseSynchronously = True  # a port we cannot bind stops start-up
+        service = Listening(endpoint, factory, config.source, f"listener {listener.endpoint}")
         service.setServiceParent(top)
     if config.metrics is not None:
         metrics = GatewayMetrics()
         metrics.bind(gateway)
         gateway.maillog.metrics = metrics
-        metrics_service = StreamServerEndpointService(
-            serverFromString(reactor, config.metrics.listen), metrics_site(metrics))
-        metrics_service._raiseSynchronously = True  # as for the SMTP listeners
+        metrics_service = Listening(
+            serverFromString(reactor, config.metrics.listen), metrics_site(metrics),
+            config.source, f"metrics.listen {config.metrics.listen}")
         metrics_service.setName("metrics")
         metrics_service.setServiceParent(top)
     return top

@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from relaygw.config import Config, ConfigError, load_config
 from relaygw.logs import stdout_observer
+from relaygw.startcheck import check_files
 
 
 class Options(usage.Options):
@@ -25,8 +26,11 @@ class Options(usage.Options):
     loaded: Config
 
     def postOptions(self) -> None:
+        parent = getattr(self, "parent", None)
+        rundir = parent["rundir"] if isinstance(parent, ServerOptions) else "."
         try:
             self.loaded = load_config(self["config"])
+            check_files(self.loaded, rundir)
         except ConfigError as e:
             # One line and a non-zero exit, before anything listens.
             raise SystemExit(f"relaygw: configuration error: {e}") from None

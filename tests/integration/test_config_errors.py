@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ CASES: list[tuple[str, Callable[[int], str], list[str]]] = [
                                        "loop2@example.test": ["loop1@example.test"]}),
      ["loop1@example.test|loop2@example.test"]),
     ("toml-syntax", lambda port: "[server\nhostname = 1\n", []),
+    # files start-up reads: read before twistd logs or listens
+    ("tls-certificate-missing", _with("tls", certificate="missing.pem",
+                                      private_key="missing.key"), ["certificate"]),
+    ("users-file-unreadable", _with("auth", users_file="/", require_tls=False),
+     ["users_file"]),
 ]
 
 
@@ -149,3 +155,22 @@ def test_missing_config_file_refuses_to_start(outcomes: dict[str, Outcome]) -> N
     output = outcome.daemon.output()
     assert outcome.returncode not in (None, 0), output
     assert len(outcome.lines) == 1 and "nonexistent.toml" in outcome.lines[0], output
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(daemons: DaemonFactory) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        daemon = daemons.prepare(to_toml(_config(port)), port=port)
+        proc = daemon.spawn()
+        try:
+            code = proc.wait(timeout=EXIT_TIMEOUT)
+        finally:
+            daemon.stop()
+    lines = [line for line in _output_lines(daemon)
+             if "relaygw: cannot listen" in line or "Traceback" in line]
+    assert code not in (None, 0)
+    assert len(lines) == 1 and f"tcp:{port}:interface=127.0.0.1" in lines[0], \
+        daemon.output()
+    assert str(daemon.config_path) in lines[0]
