@@ -60,6 +60,18 @@ def test_check_refuses_a_bad_config_in_one_line(tmp_path: Path,
     assert str(path) in err and "route[0].action" in err
 
 
+def test_check_refuses_a_nameserver_that_is_not_an_address(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Caught here, not as a traceback when twistd starts."""
+    path = tmp_path / "bad.toml"
+    path.write_text(CONFIG.replace("[[listener]]", '[dns]\nnameservers = ["localhost"]\n'
+                                   "[[listener]]", 1))
+    assert main(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"relaygwctl: {path}: dns.nameservers: must be an IP address, "
+                                "optionally with :port, not 'localhost'"]
+
+
 def test_check_without_config_is_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check"]) == 0
     out = capsys.readouterr().out
@@ -71,3 +83,21 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["no-such-command"])
     assert caught.value.code == 2
+
+
+@pytest.mark.parametrize(("section", "named"), [
+    ('[tls]\ncertificate = "missing.pem"\nprivate_key = "missing.key"\n',
+     "[tls] certificate: missing.pem"),
+    ('[auth]\nusers_file = "."\nrequire_tls = false\n', "[auth] users_file: "),
+], ids=["certificate missing", "users file a directory"])
+def test_check_reads_the_files_start_up_will_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        section: str, named: str) -> None:
+    """Relative to where it runs, as twistd reads them in its --rundir."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "relaygw.toml"
+    path.write_text(CONFIG.replace("[[listener]]", section + "[[listener]]", 1))
+    assert main(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(path) in err and named in err

@@ -286,6 +286,20 @@ def test_via_without_port_defaults_to_25_and_accepts_ipv6() -> None:
     assert config.routes[1].via == ("2001:db8::25", 2525)
 
 
+def test_nameservers_are_ip_addresses_with_optional_ports() -> None:
+    config = parse_config(f'{LISTENER}[dns]\nnameservers = ["192.0.2.53", "127.0.0.1:5353", '
+                          f'"2001:DB8::53", "[::1]:5353", "[::1]"]\n')
+    assert config.dns.nameservers == (("192.0.2.53", 53), ("127.0.0.1", 5353),
+                                      ("2001:db8::53", 53), ("::1", 5353), ("::1", 53))
+
+
+def test_a_nameserver_name_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'{LISTENER}[dns]\nnameservers = ["127.0.0.1", "localhost"]\n', "r.toml")
+    assert str(caught.value) == ("r.toml: dns.nameservers: must be an IP address, "
+                                 "optionally with :port, not 'localhost'")
+
+
 def test_alias_keys_lowercased() -> None:
     config = parse_config(f'{LISTENER}[aliases]\n"Info@Example.Test" = ["a@b.test"]\n')
     assert dict(config.aliases) == {"info@example.test": ("a@b.test",)}
@@ -410,6 +424,9 @@ BAD = [
     ("cidr-v6", f'{LISTENER}[relay]\ntrusted_networks = ["::1/129"]\n', "relay.trusted_networks"),
     ("cidr-type", f"{LISTENER}[relay]\ntrusted_networks = [10]\n", "relay.trusted_networks"),
     ("nameserver-port", f'{LISTENER}[dns]\nnameservers = ["127.0.0.1:99999"]\n',
+     "dns.nameservers"),
+    ("nameserver-name", f'{LISTENER}[dns]\nnameservers = ["localhost"]\n', "dns.nameservers"),
+    ("nameserver-name-port", f'{LISTENER}[dns]\nnameservers = ["ns.example.test:53"]\n',
      "dns.nameservers"),
     # TLS policies and sections
     ("tls-policy-relay", f'{LISTENER}[relay]\ntls = "always"\n', "relay.tls"),

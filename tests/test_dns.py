@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
@@ -195,6 +196,49 @@ def test_smarthost_by_address_or_by_name() -> None:
     assert resolved(resolver.resolve_host("smart.example.test", 587)) == [
         Hop("smart.example.test", "10.1.0.25", 587)]
     assert ("smart.example.test", "MX") not in lookup.calls
+
+
+def test_smarthost_localhost_resolves_without_dns(tmp_path: Path) -> None:
+    """Even where the hosts file lacks it and the DNS would say NXDOMAIN."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.9 other.test\n")
+    lookup = FakeLookup({("localhost", "A"): NXDomain("localhost")})
+    for hosts_file in (hosts, None, tmp_path / "absent"):
+        resolver = NextHopResolver(lookup, hosts_file=hosts_file)
+        assert resolved(resolver.resolve_host("LocalHost.", 40027)) == [
+            Hop("localhost", "127.0.0.1", 40027), Hop("localhost", "::1", 40027)]
+    assert lookup.calls == []
+
+
+def test_smarthost_name_in_the_hosts_file_resolves_from_it(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment smart.example.test\n"
+                     "2001:db8::25 smart.example.test\n"
+                     "192.0.2.25\tsmart.example.test smart  # the hub\n"
+                     "::1 localhost\n")
+    lookup = FakeLookup({("smart.example.test", "A"): a("10.1.0.25"),
+                         ("other.example.test", "A"): a("10.1.0.26")})
+    resolver = NextHopResolver(lookup, hosts_file=hosts)
+    assert resolved(resolver.resolve_host("Smart.Example.TEST", 25)) == [
+        Hop("smart.example.test", "192.0.2.25", 25),
+        Hop("smart.example.test", "2001:db8::25", 25)]
+    assert resolved(resolver.resolve_host("localhost", 25)) == [Hop("localhost", "::1", 25)]
+    assert lookup.calls == []
+    assert resolved(resolver.resolve_host("other.example.test", 25)) == [  # not in the file
+        Hop("other.example.test", "10.1.0.26", 25)]
+
+
+def test_unresolvable_smarthost_defers_rather_than_bounces() -> None:
+    """A wrong ``via`` is the operator's to fix; the mail waits (Postfix's 4.3.5)."""
+    lookup = FakeLookup({("gone.example.test", "A"): NXDomain("gone.example.test"),
+                         ("gone.example.test", "AAAA"): NXDomain("gone.example.test")})
+    resolver = NextHopResolver(lookup, hosts_file=None)
+    for host in ("gone.example.test", "nodata.example.test"):
+        error = dns_error(resolver.resolve_host(host, 25))
+        assert isinstance(error, TransientDNSError)
+        assert not error.permanent
+        assert error.reply == (f"451 4.3.5 Host or domain name not found: {host} "
+                               "(relayhost configuration problem)")
 
 
 def test_duplicate_addresses_are_dropped_and_the_list_is_capped() -> None:

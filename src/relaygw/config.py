@@ -463,16 +463,26 @@ def _relay(source: str, data: dict[str, Any]) -> RelayConfig:
 def _dns(source: str, data: dict[str, Any]) -> DNSConfig:
     table = _Table(source, "dns", data.get("dns", {}))
     table.refuse_unknown({"nameservers", "timeout"})
-    servers = []
-    for item in table.strings("nameservers"):
-        try:
-            servers.append(parse_host_port(item, 53))
-        except ValueError as e:
-            raise table.error("nameservers", str(e)) from None
+    try:
+        servers = [_nameserver(item) for item in table.strings("nameservers")]
+    except ValueError as e:
+        raise table.error("nameservers", str(e)) from None
     timeout = table.convert("timeout", _duration, DNSConfig.timeout)
     if timeout <= 0:
         raise table.error("timeout", "must be longer than zero")
     return DNSConfig(nameservers=tuple(servers), timeout=timeout)
+
+
+def _nameserver(value: str) -> tuple[str, int]:
+    """An IP address, optionally with ``:port`` (``[v6]:port``). Not a name: the
+    resolver must reach its nameserver before it can resolve anything, so a name
+    would need a resolver of its own (resolv.conf(5) takes addresses only too)."""
+    host, port = parse_host_port(value, 53)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(f"must be an IP address, optionally with :port, not {value!r}"
+                         ) from None
 
 
 def _queue(source: str, data: dict[str, Any]) -> QueueConfig:

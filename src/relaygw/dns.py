@@ -22,6 +22,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import dns.exception
@@ -32,7 +33,9 @@ import dns.resolver
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.names.hosts import searchFileForAll
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import DNSConfig
@@ -279,14 +282,22 @@ def _ip(text: str) -> str | None:
         return None
 
 
+HOSTS_FILE = Path("/etc/hosts")
+
+
 class NextHopResolver:
-    """Turns a destination into the ordered hops to try; errbacks with DNSError only."""
+    """Turns a destination into the ordered hops to try; errbacks with DNSError only.
+
+    A smarthost's name is looked up in ``hosts_file`` before the DNS, as the
+    system resolver would (dnspython never reads it); None skips the file.
+    """
 
     def __init__(self, lookup: Lookup, *, rng: random.Random | None = None,
-                 max_addresses: int = 10) -> None:
+                 max_addresses: int = 10, hosts_file: Path | None = HOSTS_FILE) -> None:
         self._lookup = lookup
         self._shuffle: Callable[[list[Any]], None] = (rng or random.Random()).shuffle
         self._max_addresses = max_addresses
+        self._hosts_file = hosts_file
 
     def resolve_domain(self, domain: str, port: int) -> Deferred[list[Hop]]:
         """MX-routed delivery to ``domain`` (RFC 5321 section 5.1, RFC 7505)."""
@@ -294,20 +305,42 @@ class NextHopResolver:
 
     def resolve_host(self, host: str, port: int) -> Deferred[list[Hop]]:
         """A smarthost: its addresses only, no MX. An address (the usual ``via``)
-        answers at once, without a coroutine."""
+        or a name in the hosts file answers at once, without a coroutine."""
         literal = address_literal(host) or _ip(host)
         if literal is not None:
             return succeed([Hop(literal, literal, port)])
-        return Deferred.fromCoroutine(self._resolve_host(host, port))
-
-    async def _resolve_host(self, host: str, port: int) -> list[Hop]:
         name = host.lower().rstrip(".")
+        local = self._local_addresses(name)
+        if local:
+            return succeed([Hop(name, address, port) for address in local])
+        return Deferred.fromCoroutine(self._resolve_host(name, port))
+
+    def _local_addresses(self, name: str) -> list[str]:
+        """``name`` in the hosts file, else loopback for ``localhost`` (RFC 6761 6.3:
+        never a question for the DNS, and a DNS may well say NXDOMAIN). The file is
+        read on each call: it is small, and an edit then needs no restart."""
+        found: list[str] = []
+        if self._hosts_file is not None:
+            for text in searchFileForAll(FilePath(str(self._hosts_file)), name.encode()):
+                address = _ip(text)
+                if address is not None and address not in found:
+                    found.append(address)
+        if not found and (name == "localhost" or name.endswith(".localhost")):
+            found = ["127.0.0.1", "::1"]
+        found.sort(key=lambda address: ":" in address)  # IPv4 first, as from the DNS
+        return found[:self._max_addresses]
+
+    async def _resolve_host(self, name: str, port: int) -> list[Hop]:
         hops, transient = await self._hops([name], port)
         if hops:
             return hops
         if transient is not None:
             raise transient
-        raise PermanentDNSError(550, "5.4.4", f"Host {name} not found in DNS")
+        # A smarthost that does not exist is the operator's mistake, not the
+        # recipient's: defer, so the mail waits for the fixed config (Postfix's
+        # "relayhost configuration problem", 4.3.5), rather than bounce it.
+        raise TransientDNSError(451, "4.3.5", f"Host or domain name not found: {name} "
+                                "(relayhost configuration problem)")
 
     async def _resolve_domain(self, domain: str, port: int) -> list[Hop]:
         literal = address_literal(domain)
@@ -389,7 +422,8 @@ class NextHopResolver:
 
 
 def build_resolver(config: DNSConfig, reactor: Any, *, pool_size: int = 10,
-                   rng: random.Random | None = None) -> NextHopResolver:
+                   rng: random.Random | None = None,
+                   hosts_file: Path | None = HOSTS_FILE) -> NextHopResolver:
     """The production stack: dnspython in a pool started with ``reactor``, then a TTL cache.
 
     ``pool_size`` bounds the lookups in flight; each can take up to
@@ -397,4 +431,4 @@ def build_resolver(config: DNSConfig, reactor: Any, *, pool_size: int = 10,
     """
     pool = dns_thread_pool(reactor, pool_size)
     lookup = CachingLookup(DNSPythonLookup(reactor, pool, config), reactor)
-    return NextHopResolver(lookup, rng=rng)
+    return NextHopResolver(lookup, rng=rng, hosts_file=hosts_file)
