@@ -6,6 +6,8 @@ and ``random=lambda: 0.5`` (no jitter), so every retry time is exact.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -318,6 +320,50 @@ def test_recipients_grouped_by_destination(h: Harness) -> None:
     assert local.addresses == ["me@local.test", "you@local.test"]
     assert all(c.queue_id == envelope.id for c in h.relay.calls + h.local.calls)
     assert h.on_disk() == []
+
+
+def varying_random() -> Callable[[], float]:
+    """A different jitter at each call: recipients stay together only if they share a draw."""
+    return itertools.cycle([0.0, 1.0, 0.3, 0.7]).__next__
+
+
+@pytest.mark.parametrize("deferred", [
+    ["r1@y.test", "r2@y.test", "r3@y.test"],  # the whole transaction got 4xx
+    ["r1@y.test", "r3@y.test"],               # 451 to some RCPTs, 250 to the other
+], ids=["all", "some"])
+def test_recipients_deferred_together_are_retried_in_one_transaction(
+        tmp_path: Path, deferred: list[str]) -> None:
+    h = Harness(tmp_path)
+    h.scheduler.random = varying_random()
+    h.scheduler.start()
+    for address in deferred:
+        h.relay.script[address] = [DEFER, DeliveryResult.delivered()]
+    envelope = h.queue("r1@y.test", "r2@y.test", "r3@y.test")
+    h.advance()
+    times = {r.next_attempt for r in envelope.recipients if r.address in deferred}
+    assert len(times) == 1, f"one jitter for the message, not one each: {sorted(times)}"
+    [when] = times
+    assert when == pytest.approx(54.0)
+    h.advance_to(when)
+    h.advance_to(1000)
+    assert [(c.addresses, c.time) for c in h.relay.calls] == [
+        (["r1@y.test", "r2@y.test", "r3@y.test"], 0.0), (deferred, when)]
+    assert h.on_disk() == []
+
+
+def test_recipients_tried_together_keep_one_retry_time_whatever_their_attempts(
+        h: Harness) -> None:
+    """The most tried recipient sets the step for all (else they would part for good)."""
+    h.relay.script["a@x.test"] = [DEFER]
+    h.relay.script["b@x.test"] = [DEFER]
+    envelope = h.queue(recipient("a@x.test", state=RecipientState.DEFERRED, attempts=2,
+                                 next_attempt=0.0, last_error=DEFER.reply), "b@x.test")
+    h.advance()
+    assert [(r.attempts, r.next_attempt) for r in envelope.recipients] == [(3, 900.0),
+                                                                           (1, 900.0)]
+    h.advance_to(900)
+    assert [(c.addresses, c.time) for c in h.relay.calls] == [
+        (["a@x.test", "b@x.test"], 0.0), (["a@x.test", "b@x.test"], 900.0)]
 
 
 def test_a_deliverer_that_errbacks_defers_its_group(h: Harness) -> None:

@@ -16,7 +16,7 @@ from relaygw.envelope import RecipientState
 from relaygw.interfaces import DeliveryResult
 from relaygw.retry import JITTER, destination_backoff
 from relaygw.scheduler import destination_failed
-from test_scheduler import SCHEDULE, Harness
+from test_scheduler import SCHEDULE, Harness, varying_random
 
 DOWN = DeliveryResult.deferred("451 4.4.1 Connection to mx.down.test[192.0.2.9]:25 failed:"
                                " Connection refused", "mx.down.test[192.0.2.9]",
@@ -174,6 +174,49 @@ def test_other_destinations_are_unaffected(h: Harness) -> None:
     assert h.scheduler.dead_until("up.test") is None
 
 
+def test_recipients_of_a_dead_destination_are_retried_in_one_transaction(
+        tmp_path: Path) -> None:
+    """The smarthost down, then up: one call with every RCPT, not one per recipient."""
+    h = Harness(tmp_path)
+    h.scheduler.random = varying_random()
+    h.scheduler.start()
+    addresses = ["r1@down.test", "r2@down.test", "r3@down.test"]
+    down(h, *addresses, then=OK)
+    envelope = h.queue(*addresses)
+    h.advance()
+    assert h.scheduler.dead_until("down.test") == pytest.approx(54.0)
+    times = {r.next_attempt for r in envelope.recipients}
+    assert len(times) == 1, f"one retry time for the message, not one each: {sorted(times)}"
+    [when] = times  # the retry step's, later than the dead time here
+    assert when == pytest.approx(66.0)
+    h.advance_to(when)
+    h.advance_to(1000)
+    assert [(c.addresses, c.time) for c in h.relay.calls] == [(addresses, 0.0),
+                                                              (addresses, when)]
+    assert h.on_disk() == []
+
+
+def test_recipients_parked_behind_a_dead_destination_come_back_in_one_transaction(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.scheduler.random = varying_random()
+    h.scheduler.start()
+    down(h, "probe@down.test", then=OK)
+    h.queue("probe@down.test")
+    h.advance()
+    h.advance_to(5)
+    addresses = ["r1@down.test", "r2@down.test", "r3@down.test"]
+    envelope = h.queue(*addresses)
+    h.advance()
+    dead_until = h.scheduler.dead_until("down.test")
+    assert dead_until is not None
+    assert {r.next_attempt for r in envelope.recipients} == {dead_until}
+    h.advance_to(dead_until)
+    h.advance_to(1000)
+    assert [c.addresses for c in h.relay.calls if c.queue_id == envelope.id] == [addresses]
+    assert h.on_disk() == []
+
+
 def test_a_dead_destination_takes_no_concurrency_slot(tmp_path: Path) -> None:
     h = Harness(tmp_path, hold=True, concurrency=1)
     h.scheduler.start()
@@ -201,6 +244,21 @@ def test_flush_of_the_domain_clears_the_mark(h: Harness) -> None:
     assert h.scheduler.dead_until("down.test") is None
     h.advance()
     assert calls_to(h.relay, "down.test") == [0.0] + [10.0] * 20
+    assert h.on_disk() == []
+
+
+def test_release_clears_the_mark_of_the_message_destinations(h: Harness) -> None:
+    """Like flush: the operator saying "due now" is news that the destination may be up."""
+    down(h, "a@down.test", then=OK)
+    envelope = h.queue("a@down.test")
+    h.advance()
+    assert h.scheduler.dead_until("down.test") == 60.0
+    h.scheduler.hold(envelope.id)
+    h.advance_to(10)
+    h.scheduler.release(envelope.id)
+    assert h.scheduler.dead_until("down.test") is None
+    h.advance()
+    assert calls_to(h.relay, "down.test") == [0.0, 10.0]
     assert h.on_disk() == []
 
 

@@ -5,9 +5,10 @@ idle queue costs nothing. A message's due recipients are grouped by
 transport and destination; each group is one transport call, bounded by a
 global and a per-destination semaphore (``Slots``). Outcomes are written to the
 spool before anything else happens: delivered recipients are done, transient
-failures wait per ``retry_schedule`` (jittered), permanent failures and
-expiry past ``max_age`` are handed to the bouncer. A message leaves the spool
-when no recipient is pending.
+failures wait per ``retry_schedule`` (jittered once per attempt, so a message's
+deferred recipients come back together, one transaction per next hop),
+permanent failures and expiry past ``max_age`` are handed to the bouncer. A
+message leaves the spool when no recipient is pending.
 
 Dead destinations (Postfix's "delivery temporarily suspended"): when a
 group's attempt fails as a whole (every result DEFERRED with
@@ -22,7 +23,7 @@ the dead time ends the parked recipients come back together; the first group
 to go is the probe and the others wait for its verdict, so a destination that
 is still down costs one transport call per back-off step, not one per
 message. Any outcome that is not a whole-destination failure (a delivery, a
-reply about a recipient) clears the mark; so does ``flush`` (ETRN).
+reply about a recipient) clears the mark; so do ``flush`` (ETRN) and ``release``.
 
 Bounded work for a big queue (100,000 messages after a restart, say): an
 attempt in flight costs a coroutine and its Deferreds (kilobytes), a queued
@@ -322,14 +323,18 @@ class Scheduler:
                 if domain is None or recipient.domain == domain.lower():
                     recipient.next_attempt = None
                     touched = True
-                    deliverer = self.deliverers.get(recipient.action)
-                    if deliverer is not None:
-                        self._destinations.pop(deliverer.destination(recipient), None)
+                    self._revive(recipient)
             if touched:
                 count += 1
                 self._push(envelope)
         self._arm()
         return count
+
+    def _revive(self, recipient: Recipient) -> None:
+        """Drop the dead mark of the recipient's destination: made due by hand, it is tried."""
+        deliverer = self.deliverers.get(recipient.action)
+        if deliverer is not None:
+            self._destinations.pop(deliverer.destination(recipient), None)
 
     # --- operator commands (relaygwctl queue ..., through the control socket) --------
 
@@ -353,7 +358,8 @@ class Scheduler:
         return self._write(envelope)
 
     def release(self, queue_id: str) -> Deferred[None]:
-        """Undo ``hold``: saved, and every pending recipient due now."""
+        """Undo ``hold``: saved, and every pending recipient due now (its destination's
+        dead mark dropped, as by ``flush``: else it would stay parked behind it)."""
         envelope = self.envelope_of(queue_id)
         if not envelope.held:
             return succeed(None)
@@ -361,6 +367,7 @@ class Scheduler:
         for recipient in envelope.pending:
             if recipient.state is not RecipientState.DELIVERING:
                 recipient.next_attempt = None
+                self._revive(recipient)
         self.log.info("{id}: released by the operator", id=queue_id)
         self._again.add(queue_id)  # pushed once written (or once the attempt in flight ends)
         d = self._write(envelope)
@@ -635,6 +642,7 @@ class Scheduler:
         # a dead destination, or never started, changed nothing that a restart
         # would need (it would just be tried at once), so it costs no fsync.
         attempted = False
+        tried: list[tuple[Recipient, DeliveryResult]] = []
         for (ok, results), recipients in zip(outcomes, groups.values(), strict=True):
             if not ok and results.check(_NotStarted):
                 for recipient in recipients:  # never tried: as it was, no attempt counted
@@ -652,9 +660,11 @@ class Scheduler:
                 results = [DeliveryResult.deferred(f"451 4.3.0 internal error: "
                                                    f"{results.getErrorMessage()}")] * len(
                     recipients)
-            for recipient, result in zip(recipients, results, strict=True):
-                if self._record(envelope, recipient, result):
-                    failed.append(recipient)
+            tried.extend(zip(recipients, results, strict=True))
+        wait = self._retry_wait(tried)
+        for recipient, result in tried:
+            if self._record(envelope, recipient, result, wait):
+                failed.append(recipient)
         if failed and envelope.sender and self.bouncer is not None:
             # Before the original leaves the spool: the bounce quotes its headers.
             try:
@@ -880,8 +890,22 @@ class Scheduler:
         self.on_event(Event("expired", envelope, recipient, recipient.last_error, delay))
         return True
 
-    def _record(self, envelope: Envelope, recipient: Recipient, result: DeliveryResult) -> bool:
-        """Apply one outcome; True when the recipient has now failed for good."""
+    def _retry_wait(self, tried: list[tuple[Recipient, DeliveryResult]]) -> float:
+        """One retry delay for every recipient an attempt defers (0 if none is).
+
+        One jitter, and the step of the most tried of them: the message's deferred
+        recipients come back together, one transaction per next hop (as Postfix
+        retries a message), not one each at scattered times.
+        """
+        attempts = [r.attempts + 1 for r, result in tried if result.status is Status.DEFERRED]
+        if not attempts:
+            return 0.0
+        return retry.retry_delay(self.config.retry_schedule, max(attempts), self.random)
+
+    def _record(self, envelope: Envelope, recipient: Recipient, result: DeliveryResult,
+                wait: float) -> bool:
+        """Apply one outcome (``wait``: the attempt's retry delay, if deferred); True
+        when the recipient has now failed for good."""
         now = self.clock.seconds()
         recipient.attempts += 1
         recipient.remote = result.remote
@@ -900,9 +924,9 @@ class Scheduler:
             return True
         if self._expire(envelope, recipient, result.reply, now):
             return True
-        wait = retry.retry_delay(self.config.retry_schedule, recipient.attempts, self.random)
         if result.destination_failed:
-            # Not before the destination's dead time ends: it comes back with the rest.
+            # Not before the destination's dead time ends: it comes back with the rest
+            # (one time for all of the destination's recipients, as ``wait`` is one).
             wait = max(wait, (self.dead_until(self._destination_of(recipient)) or now) - now)
         recipient.state = RecipientState.DEFERRED
         recipient.next_attempt = retry.next_attempt_time(now, envelope.received,
