@@ -629,6 +629,9 @@ class SMTPServerProtocol(Protocol):
         self._reader = None
 
     def smtp_RSET(self, argument: str) -> None:
+        if argument:  # RFC 5321 4.1.1.5: no parameters (Postfix: 501 5.5.4)
+            self._error(replies.SYNTAX_NO_ARGS)
+            return
         self.transaction = None
         self.reply(replies.OK)
 
@@ -679,7 +682,10 @@ class SMTPServerProtocol(Protocol):
             self._error(replies.TLS_ALREADY_ACTIVE)
             return
         server_tls = self.gateway.server_tls
-        if server_tls is None or not self._tls_possible():
+        if server_tls is None:  # no [tls]: not offered, as Postfix without smtpd_use_tls
+            self._error(replies.NOT_IMPLEMENTED)
+            return
+        if not self._tls_possible():  # a transport that cannot start TLS
             self._error(replies.TLS_UNAVAILABLE)
             return
         self.reply(replies.READY_FOR_TLS)
