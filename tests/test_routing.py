@@ -321,15 +321,23 @@ def postmaster_router(routes: str, aliases: str = "") -> Router:
     ('[[route]]\ndomains = ["*"]\naction = "relay"\n',
      '[aliases]\n"postmaster@example.test" = ["ops@elsewhere.test"]\n',
      "ops@elsewhere.test", "relay"),
-    ('[[route]]\ndomains = ["*"]\naction = "relay"\naccept_from = "trusted"\n', "",
+    ('[[route]]\ndomains = ["*.example.test"]\naction = "relay"\nvia = "10.0.0.1:25"\n'
+     '[[route]]\ndomains = ["*"]\naction = "relay"\naccept_from = "trusted"\n', "",
      "postmaster@relay.example.test", "relay"),
 ], ids=["the hostname's own", "a parent domain's, before a relay", "an alias",
-        "relayed as it is, trusted or not"])
+        "relayed by a route naming its domain, trusted or not"])
 def test_postmaster_goes_where_one_is_configured(routes: str, aliases: str, address: str,
                                                  action: str) -> None:
     _, outcome = postmaster_router(routes, aliases).route_postmaster("relay.example.test")
     assert not isinstance(outcome, Refusal)
     assert [(r.address, r.action) for r in outcome] == [(address, action)]
+
+
+def test_postmaster_is_never_relayed_by_the_catch_all_alone() -> None:
+    """An MX lookup of this host's own name: its mail would come back here."""
+    router = postmaster_router('[[route]]\ndomains = ["*"]\naction = "relay"\n')
+    mailbox, outcome = router.route_postmaster("relay.example.test")
+    assert (str(mailbox), outcome) == ("postmaster@relay.example.test", UNKNOWN_MAILBOX)
 
 
 def test_postmaster_with_no_route_at_all_is_the_hostnames_refusal() -> None:

@@ -26,7 +26,7 @@ from core_fakes import open_fds
 from relaygw import replies
 from relaygw.messagecache import WireReady
 from relaygw.routing import NO_ROUTE, REJECTED, RELAY_DENIED, UNKNOWN_MAILBOX, Router
-from relaygw.smtpserver import MAX_ERRORS, SMTPServerProtocol, rfc5322_date
+from relaygw.smtpserver import MAX_ERRORS, OVERSHOOT_LIMIT, SMTPServerProtocol, rfc5322_date
 from support import (
     HOSTNAME,
     QUEUED,
@@ -1126,6 +1126,18 @@ def test_recipients_over_the_limit_do_not_end_the_session(gateway: FakeGateway) 
     assert lines[-2] == replies.START_DATA
     assert len(gateway.envelope(queued_id(lines[-1])).recipients) == 5
     assert not session.closed
+
+
+def test_a_recipient_overshoot_without_end_is_cut_off(gateway: FakeGateway) -> None:
+    """Past OVERSHOOT_LIMIT refusals they count again: a flood of RCPTs (a log
+    line each) ends at MAX_ERRORS more."""
+    session = greet(gateway)
+    count = 5 + OVERSHOOT_LIMIT + MAX_ERRORS
+    lines = session.send(f"{MAIL}\r\n".encode()
+                         + b"RCPT TO:<x@elsewhere.test>\r\n" * (count + 10))
+    assert lines[-1] == replies.too_many_errors(HOSTNAME)
+    assert lines.count(replies.TOO_MANY_RECIPIENTS) == OVERSHOOT_LIMIT + MAX_ERRORS
+    assert session.closed
 
 
 # --- the client half-closes: what it sent is answered ------------------------------------

@@ -143,9 +143,12 @@ class Router:
         alias names a person. relaygw tries ``postmaster@<hostname>``, then
         ``postmaster@`` each parent domain of the hostname (relay.example.test,
         then example.test), and takes the first that is delivered locally or
-        aliased; else the first that routes at all (relayed as it is); else the
-        hostname's refusal (no route, no mailbox: the configuration names no
-        postmaster, and a 250 would only end in a bounce)."""
+        aliased; else the first relayed by a route that names its domain (a
+        hub for the organisation's mail). Never one only the catch-all ``*``
+        relays: that is an MX lookup of this host's own name, mail back to
+        itself (a loop, then a bounce to whatever sender the client gave). With
+        none of these the configuration names no postmaster: refused, as an
+        unknown mailbox, or with the hostname's refusal."""
         labels = hostname.lower().rstrip(".").split(".")
         domains = [".".join(labels[i:]) for i in range(max(len(labels) - 1, 1))]
         relayed: tuple[Mailbox, Refusal | list[Recipient]] | None = None
@@ -158,11 +161,16 @@ class Router:
             elif any(r.action == "local" or r.address.lower() != str(mailbox).lower()
                      for r in outcome):
                 return mailbox, outcome
-            else:
-                relayed = relayed or (mailbox, outcome)
-        chosen = relayed or refused
-        assert chosen is not None  # domains is never empty
-        return chosen
+            elif relayed is None and self._named_route(domain):
+                relayed = (mailbox, outcome)
+        return relayed or refused or (Mailbox("postmaster", domains[0]), UNKNOWN_MAILBOX)
+
+    def _named_route(self, domain: str) -> bool:
+        """Whether ``domain``'s route names it (exactly or by ``*.suffix``), not
+        only the catch-all ``*``."""
+        route = self.find_route(domain)
+        return route is not None and any(
+            pattern != "*" and domain_matches(pattern, domain) for pattern in route.domains)
 
     def _route_one(self, target: Mailbox, original: Mailbox, *, check_access: bool,
                    trusted: bool) -> Refusal | Recipient:

@@ -51,6 +51,7 @@ from relaygw.tlsserver import ServerTLS
 
 MAX_COMMAND_LINE = 1000      # octets before CRLF; RFC 5321 allows 512, extensions more
 MAX_ERRORS = 20              # Postfix's smtpd_hard_error_limit
+OVERSHOOT_LIMIT = 1000       # Postfix's smtpd_recipient_overshoot_limit
 PAUSE_BUFFER = 256 * 1024    # stop reading while a commit is pending and this much waits
 IDLE_SLACK = 0.001           # seconds: an idle timer this close to its time has expired
 
@@ -126,6 +127,7 @@ class Transaction:
     declared_size: int | None = None
     body: str | None = None  # BODY=8BITMIME is passed on when relaying
     rcpt_attempts: int = 0  # RCPT commands that named a recipient, taken or not
+    overshoot: int = 0  # RCPTs refused past max_recipients
 
 
 @implementer(IHalfCloseableProtocol)
@@ -480,25 +482,30 @@ class SMTPServerProtocol(Protocol):
             return
         try:
             path, param_text = split_path(argument[3:])
-            postmaster = path[1:-1].lower() == "postmaster"
-            if not postmaster:
-                mailbox = parse_path(path, allow_null=False)
+            # None: <Postmaster> with no domain (RFC 5321 4.5.1), routed apart below
+            given = None if path[1:-1].lower() == "postmaster" else parse_path(
+                path, allow_null=False)
             if parse_params(param_text):
                 self._error(replies.UNKNOWN_PARAMETER.replace("MAIL", "RCPT"))
                 return
         except AddressError:
             self._reject("RCPT", replies.BAD_RECIPIENT, "syntax", recipient=argument[3:])
             return
-        if postmaster:  # RFC 5321 4.5.1: accepted from anyone (relaygw.routing)
-            mailbox, outcome = self.gateway.router.route_postmaster(self.config.hostname)
         if len(transaction.given) >= self.config.limits.max_recipients:
-            # Not counted as an error (as Postfix's recipient overshoot): a client
-            # sending many recipients at once keeps its transaction.
+            # Not counted as an error up to OVERSHOOT_LIMIT (as Postfix's recipient
+            # overshoot): a client sending many recipients at once keeps its
+            # transaction; one that never stops is still cut off.
+            transaction.overshoot += 1
             self._reject("RCPT", replies.TOO_MANY_RECIPIENTS, "too_many_recipients",
-                         recipient=str(mailbox), counted=False)
+                         recipient=str(given or "postmaster"),
+                         counted=transaction.overshoot > OVERSHOOT_LIMIT)
             return
-        if not postmaster:
-            outcome = self.gateway.router.route_recipient(mailbox, self.trusted)
+        router = self.gateway.router
+        outcome: Refusal | list[Recipient]
+        if given is None:  # accepted from anyone, wherever one is configured
+            mailbox, outcome = router.route_postmaster(self.config.hostname)
+        else:
+            mailbox, outcome = given, router.route_recipient(given, self.trusted)
         if isinstance(outcome, Refusal):
             self._reject("RCPT", outcome.reply, outcome.reason, recipient=str(mailbox))
             return
