@@ -23,7 +23,7 @@ from integration.tlsutil import IssuedCert, TestCA
 from relaygw import auth, replies
 from relaygw.auth import Authenticator, hash_password
 from relaygw.config import AuthConfig, TLSConfig
-from relaygw.smtpserver import SMTPFactory
+from relaygw.smtpserver import REFUSAL_HANDSHAKE_GRACE, SMTPFactory
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory
 from support import (
     HOSTNAME,
@@ -721,3 +721,36 @@ def test_a_session_that_never_starts_its_handshake_is_aborted_at_the_timeout(
     gateway.clock.advance(30)  # command_timeout
     assert wire.disconnected  # aborted (StringTransport's mark), not waiting
     assert wire.value() == b""  # nothing in clear text, ever
+
+
+def implicit_tls_client(gateway: FakeGateway, ca: TestCA) -> tuple[TLSSession, StringTransport]:
+    """A ``submissions`` connection and its client half, before the handshake."""
+    assert gateway.server_tls is not None
+    factory = implicit_tls_factory(gateway.server_tls,
+                                   SMTPFactory(gateway, "submissions", "test"), gateway.clock)
+    wire = StringTransport(peerAddress=UNTRUSTED_PEER)
+    protocol = factory.buildProtocol(UNTRUSTED_PEER)
+    protocol.makeConnection(wire)
+    client = TLSSession.__new__(TLSSession)  # the client half only, over this wire
+    client.transport = _Wire(wire, protocol, gateway.clock)  # type: ignore[assignment]
+    client.context = ssl.create_default_context(cafile=str(ca.ca_pem))
+    client.server_name = HOSTNAME
+    client.incoming, client.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client._seen, client._plain = 0, b""
+    return client, wire
+
+
+def test_an_implicit_tls_client_over_the_limit_hears_its_421(
+        tmp_path: Path, ca: TestCA, issued: IssuedCert) -> None:
+    gateway = secure_gateway(tmp_path, issued, max_connections=1)
+    implicit_tls_client(gateway, ca)  # holds the one slot
+    refused, wire = implicit_tls_client(gateway, ca)
+    refused.handshake()
+    assert split_replies(refused._read_tls()) == [
+        replies.too_many_connections(HOSTNAME)]
+    assert not wire.disconnected  # not aborted: TLS closes in order
+    _, silent_wire = implicit_tls_client(gateway, ca)  # never handshakes
+    gateway.clock.advance(REFUSAL_HANDSHAKE_GRACE - 0.1)
+    assert not silent_wire.disconnected
+    gateway.clock.advance(0.1)
+    assert silent_wire.disconnected  # aborted (StringTransport's mark)

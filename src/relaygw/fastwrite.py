@@ -62,18 +62,19 @@ def write_now(transport: Any, data: bytes) -> None:
         transport.write(data[sent:])
 
 
-def lose_connection(transport: Any) -> None:
+def lose_connection(transport: Any, abort_unfinished_tls: bool = True) -> None:
     """``transport.loseConnection()``, without its trip through writability when
     nothing is buffered: reading stops now, and the socket is closed (orderly, a
     FIN after what was sent) on the reactor's next turn, outside the protocol's
     own call. Saves two ``epoll_ctl``, a ``shutdown`` and a loop turn per closed
     session.
 
-    A TLS session whose handshake never finished is aborted instead: nothing
-    written can reach its client, and TLS's orderly close would wait for the
-    handshake forever (Twisted aborts only when nothing was written), holding
-    the session's connection slot."""
-    if _tls_handshake_pending(transport):
+    A TLS session whose handshake never finished is aborted instead (unless
+    ``abort_unfinished_tls`` is False): nothing written can reach its client,
+    and TLS's orderly close would wait for the handshake forever (Twisted
+    aborts only when nothing was written), holding the session's connection
+    slot."""
+    if abort_unfinished_tls and tls_handshake_pending(transport):
         transport.abortConnection()
         return
     if not _shortcut_allowed(transport) or transport.producer is not None:
@@ -84,7 +85,7 @@ def lose_connection(transport: Any) -> None:
     call_soon(transport.reactor, _close_if_flushed, transport)
 
 
-def _tls_handshake_pending(transport: Any) -> bool:
+def tls_handshake_pending(transport: Any) -> bool:
     """TLS on ``transport`` (implicit: the transport is the TLS layer; STARTTLS:
     the TCP transport's protocol is) and its handshake not yet done."""
     layer = transport if isinstance(transport, TLSMemoryBIOProtocol) else (

@@ -41,7 +41,7 @@ from relaygw.auth import Authenticator, decode_base64, parse_plain
 from relaygw.config import Config
 from relaygw.datareader import DataError, DataReader
 from relaygw.envelope import Envelope, Recipient
-from relaygw.fastwrite import lose_connection, write_now
+from relaygw.fastwrite import lose_connection, tls_handshake_pending, write_now
 from relaygw.logs import MailLog
 from relaygw.messagecache import wire_clean
 from relaygw.nodelay import NoDelaySessions
@@ -52,6 +52,7 @@ from relaygw.tlsserver import ServerTLS
 MAX_COMMAND_LINE = 1000      # octets before CRLF; RFC 5321 allows 512, extensions more
 MAX_ERRORS = 20              # Postfix's smtpd_hard_error_limit
 OVERSHOOT_LIMIT = 1000       # Postfix's smtpd_recipient_overshoot_limit
+REFUSAL_HANDSHAKE_GRACE = 10.0  # seconds an implicit-TLS client has to hear its 421
 PAUSE_BUFFER = 256 * 1024    # stop reading while a commit is pending and this much waits
 IDLE_SLACK = 0.001           # seconds: an idle timer this close to its time has expired
 
@@ -185,7 +186,7 @@ class SMTPServerProtocol(Protocol):
             self.gateway.maillog.reject(self.client_host, "CONNECT",
                                         replies.too_many_connections(self.config.hostname),
                                         "too_many_connections")
-            self._close_with(replies.too_many_connections(self.config.hostname))
+            self._refuse_connection(replies.too_many_connections(self.config.hostname))
             return
         self.gateway.connections.sessions.add(self)
         self.gateway.maillog.connect(self.client_host, self.listener)
@@ -258,6 +259,21 @@ class SMTPServerProtocol(Protocol):
         self._flush_replies()
         self.closing = True
         lose_connection(self.transport)
+
+    def _refuse_connection(self, text: str) -> None:
+        """The 421 of a connection over the limits. On an implicit-TLS listener it
+        waits in TLS for the client's handshake (a real client makes it at once,
+        and reads why it is refused); one that never does is cut off after
+        REFUSAL_HANDSHAKE_GRACE (connectionLost cancels the timer)."""
+        self.reply(text)
+        self._flush_replies()
+        self.closing = True
+        if tls_handshake_pending(self.transport):
+            lose_connection(self.transport, abort_unfinished_tls=False)
+            self._timer = self.gateway.clock.callLater(REFUSAL_HANDSHAKE_GRACE,
+                                                       self.transport.abortConnection)
+        else:
+            lose_connection(self.transport)
 
     def _start_idle_timer(self) -> None:
         """Time the session out ``command_timeout`` after the client last sent anything.
