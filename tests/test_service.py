@@ -7,6 +7,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
@@ -16,8 +17,9 @@ from relaygw.config import parse_config
 from relaygw.envelope import Envelope, Recipient, RecipientState
 from relaygw.journal import live_messages
 from relaygw.scheduler import UnknownMessage
-from relaygw.service import Gateway, build_service
+from relaygw.service import Gateway, Services, build_service
 from relaygw.spool import Spool
+from relaygw.startcheck import StartupError
 
 CONFIG = """
 [server]
@@ -228,3 +230,20 @@ def test_shutdown_writes_the_journals_last_records_and_stops_its_syncer(
     stopped = gateway.stopService()
     assert stopped.called and child.transport.stdin_closed
     assert live_messages(journal.directory)[0] == {}
+
+
+class _Refusing(Service):
+    def privilegedStartService(self) -> None:
+        raise StartupError("relaygw: cannot listen: FILE: listener tcp:25: in use")
+
+
+@pytest.mark.parametrize(("nodaemon", "raised"), [(True, SystemExit), (False, StartupError)])
+def test_a_start_up_error_is_one_line_or_the_daemons_parents_to_report(
+        nodaemon: bool, raised: type[BaseException]) -> None:
+    """twistd -n: SystemExit, one line. Daemonizing: an Exception, which twistd's
+    child sends to its waiting parent (SystemExit would leave the parent waiting)."""
+    top = Services()
+    top.nodaemon = nodaemon
+    _Refusing().setServiceParent(top)
+    with pytest.raises(raised, match="cannot listen: FILE: listener tcp:25: in use"):
+        top.privilegedStartService()

@@ -41,6 +41,7 @@ from relaygw.scheduler import Scheduler
 from relaygw.smtpserver import ConnectionLimiter, SMTPFactory
 from relaygw.spool import BlockingRunner, MessageSource, Spool
 from relaygw.spoolreader import ChildReader, Entry, ReaderFailed, SpoolReader, ThreadReader
+from relaygw.startcheck import StartupError
 from relaygw.syncer import journal_syncer
 from relaygw.tlsserver import ServerTLS, TLSLoadError, implicit_tls_factory, load_options
 
@@ -99,7 +100,7 @@ class Gateway(Service):
             if self.authenticator is not None:
                 self.authenticator.load()
         except (TLSLoadError, UsersFileError) as e:
-            raise SystemExit(f"relaygw: configuration error: {self.config.source}: {e}") \
+            raise StartupError(f"relaygw: configuration error: {self.config.source}: {e}") \
                 from None
         self._files_loaded = True
 
@@ -410,6 +411,32 @@ def relay_deliverer(config: Config, reactor: Any,
                               source=source)
 
 
+class Services(MultiService):
+    """build_service's top: relaygw's services, whose StartupError (a port that
+    cannot be bound, an unusable certificate) becomes one line and exit 1 when
+    ``nodaemon`` (SystemExit: twistd -n, tests); a daemonizing twistd (tap sets
+    ``nodaemon`` False) reports the Exception itself to its parent, which
+    prints it and exits 1 (SystemExit would leave that parent waiting)."""
+
+    nodaemon = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            if self.nodaemon:
+                raise SystemExit(str(e)) from None
+            raise
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except StartupError as e:
+            if self.nodaemon:
+                raise SystemExit(str(e)) from None
+            raise
+
+
 class Listening(StreamServerEndpointService):
     """A listener whose port cannot be bound (in use, not allowed) stops start-up
     with one line naming it, not a traceback."""
@@ -426,13 +453,13 @@ class Listening(StreamServerEndpointService):
         except CannotListenError as e:
             reason = e.socketError.strerror if isinstance(e.socketError, OSError) \
                 else e.socketError
-            raise SystemExit(f"relaygw: cannot listen: {self.source}: {self.what}: "
-                             f"{reason}") from None
+            raise StartupError(f"relaygw: cannot listen: {self.source}: {self.what}: "
+                               f"{reason}") from None
 
 
 def build_service(config: Config, reactor: Any,
-                  run_blocking: BlockingRunner | None = None) -> MultiService:
-    top = MultiService()
+                  run_blocking: BlockingRunner | None = None) -> Services:
+    top = Services()
     top.setName("relaygw")
     disk = None
     if run_blocking is None:

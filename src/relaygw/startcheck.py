@@ -19,6 +19,15 @@ from relaygw.config import Config, ConfigError
 from relaygw.tlsserver import TLSLoadError, load_options
 
 
+class StartupError(Exception):
+    """Start-up cannot go on; the message is the one line an operator reads.
+
+    An Exception, not SystemExit: a daemonized twistd reports only an
+    Exception to its waiting parent (which then prints it and exits 1);
+    with SystemExit the parent waits forever. relaygw.tap turns it into
+    SystemExit under ``twistd -n``, where a traceback would be printed."""
+
+
 def check_files(config: Config, rundir: str | Path = ".") -> None:
     """Read the [tls] certificate and key and the [auth] users file as start-up
     will (relative paths against ``rundir``, where twistd reads them); raise

@@ -44,12 +44,15 @@ def makeService(options: Options) -> IService:
     from relaygw.service import build_service
 
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
+    parent = getattr(options, "parent", None)
+    nodaemon = not isinstance(parent, ServerOptions) or bool(parent["nodaemon"])
     top = build_service(options.loaded, reactor)
     # Made absolute now: twistd enters --rundir after makeService, and a relative
     # --config must still name the same file at SIGHUP.
     path = os.path.abspath(options["config"]) if options["config"] is not None else None
     reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
     observer = stdout_observer(getattr(options, "parent", None))
+    top.nodaemon = nodaemon
     service = top if observer is None else LoggingTo(top, observer)
     if isinstance(getattr(options, "parent", None), ServerOptions):
         from relaygw import gctune
