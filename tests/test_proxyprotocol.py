@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from relaygw.proxyprotocol import HEADER_TIMEOUT, HeaderFirstWrappingFactory
 
@@ -91,3 +93,35 @@ def test_an_ipv6_header_with_a_scope_is_taken() -> None:
     wrapper.dataReceived(b"PROXY TCP6 fe80::1%eth0 ::1 40000 25\r\nEHLO x\r\n")
     assert recorder.peer_at_start is not None and recorder.peer_at_start.host == "fe80::1%eth0"
     assert not transport.disconnecting
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_ended = False
+
+    def readConnectionLost(self) -> None:
+        self.read_ended = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_a_half_close_reaches_the_session_behind_the_header() -> None:
+    """The SMTP session answers what a half-closed client sent (its 250 too)."""
+    session = HalfCloseable()
+    factory = HeaderFirstWrappingFactory(Factory.forProtocol(lambda: session), Clock())
+    wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    wrapper.makeConnection(transport)
+    assert IHalfCloseableProtocol.providedBy(wrapper)  # asked by Twisted's TCP transport
+    wrapper.dataReceived(HEADER + b"QUIT\r\n")
+    wrapper.readConnectionLost()
+    assert session.read_ended and not transport.disconnecting
+
+
+def test_a_half_close_before_the_header_closes() -> None:
+    wrapper, recorder, transport, _clock = connect()
+    wrapper.readConnectionLost()
+    assert transport.disconnecting and recorder.peer_at_start is None

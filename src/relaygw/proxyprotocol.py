@@ -19,7 +19,12 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -32,6 +37,7 @@ HEADER_TIMEOUT = 30.0
 PREFIX = "haproxy:"
 
 
+@implementer(IHalfCloseableProtocol)
 class HeaderFirstWrapper(HAProxyProtocolWrapper):
     """Reads the PROXY header, then starts the wrapped protocol with the client's address."""
 
@@ -87,6 +93,20 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
         self.wrappedProtocol.makeConnection(self)
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: passed on to a session that answers what it
+        was sent (relaygw's SMTP session does); else closed, as Twisted would."""
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None) if self._started else None
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None) if self._started else None
+        if half is not None:
+            half.writeConnectionLost()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._timer is not None and self._timer.active():
