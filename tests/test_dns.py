@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
+from relaygw import dns as dns_module
 from relaygw.config import DNSConfig
 from relaygw.dns import (
     Answer,
@@ -24,6 +25,7 @@ from relaygw.dns import (
     DNSError,
     DNSPythonLookup,
     Hop,
+    HostsFile,
     NextHopResolver,
     NXDomain,
     PermanentDNSError,
@@ -408,3 +410,22 @@ def test_the_production_stack_runs_its_pool_with_the_reactor() -> None:
     [(stop, args, kwargs)] = fake_reactor.triggers["during"]["shutdown"]
     stop(*args, **kwargs)
     assert pool.joined
+
+
+def test_the_hosts_file_is_parsed_once_and_again_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.25 smart.example.test\n")
+    table = HostsFile(hosts)
+    parses: list[str] = []
+    real_parse = dns_module._parse_hosts
+    monkeypatch.setattr(dns_module, "_parse_hosts",
+                        lambda text: parses.append(text) or real_parse(text))
+    assert table.addresses("smart.example.test") == ["192.0.2.25"]
+    assert table.addresses("Smart.Example.Test.") == ["192.0.2.25"]
+    assert len(parses) == 1  # a stat per lookup, not a read and a parse
+    hosts.write_text("192.0.2.26 smart.example.test\n# and a longer file now\n")
+    assert table.addresses("smart.example.test") == ["192.0.2.26"]
+    assert len(parses) == 2
+    hosts.unlink()
+    assert table.addresses("smart.example.test") == []

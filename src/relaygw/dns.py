@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,9 +34,7 @@ import dns.resolver
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.names.hosts import searchFileForAll
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from relaygw.config import DNSConfig
@@ -285,6 +284,45 @@ def _ip(text: str) -> str | None:
 HOSTS_FILE = Path("/etc/hosts")
 
 
+class HostsFile:
+    """A hosts(5) file: name -> addresses, in the file's order. Parsed again
+    only when it changes (a stat per lookup, on the reactor thread: reading
+    and parsing a big file at every delivery would stall it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._version: tuple[int, int, int] | None = None
+        self._names: dict[str, list[str]] = {}
+
+    def addresses(self, name: str) -> list[str]:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return []  # no file: nothing in it
+        version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if version != self._version:
+            try:
+                text = self.path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                return []
+            self._names, self._version = _parse_hosts(text), version
+        return list(self._names.get(name.lower().rstrip("."), ()))
+
+
+def _parse_hosts(text: str) -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.partition("#")[0].split()
+        address = _ip(fields[0]) if fields else None
+        if address is None:
+            continue
+        for name in fields[1:]:
+            found = names.setdefault(name.lower().rstrip("."), [])
+            if address not in found:
+                found.append(address)
+    return names
+
+
 class NextHopResolver:
     """Turns a destination into the ordered hops to try; errbacks with DNSError only.
 
@@ -297,7 +335,7 @@ class NextHopResolver:
         self._lookup = lookup
         self._shuffle: Callable[[list[Any]], None] = (rng or random.Random()).shuffle
         self._max_addresses = max_addresses
-        self._hosts_file = hosts_file
+        self._hosts = HostsFile(hosts_file) if hosts_file is not None else None
 
     def resolve_domain(self, domain: str, port: int) -> Deferred[list[Hop]]:
         """MX-routed delivery to ``domain`` (RFC 5321 section 5.1, RFC 7505)."""
@@ -317,14 +355,9 @@ class NextHopResolver:
 
     def _local_addresses(self, name: str) -> list[str]:
         """``name`` in the hosts file, else loopback for ``localhost`` (RFC 6761 6.3:
-        never a question for the DNS, and a DNS may well say NXDOMAIN). The file is
-        read on each call: it is small, and an edit then needs no restart."""
-        found: list[str] = []
-        if self._hosts_file is not None:
-            for text in searchFileForAll(FilePath(str(self._hosts_file)), name.encode()):
-                address = _ip(text)
-                if address is not None and address not in found:
-                    found.append(address)
+        never a question for the DNS, and a DNS may well say NXDOMAIN). An edit of
+        the file needs no restart (``HostsFile``)."""
+        found = self._hosts.addresses(name) if self._hosts is not None else []
         if not found and (name == "localhost" or name.endswith(".localhost")):
             found = ["127.0.0.1", "::1"]
         found.sort(key=lambda address: ":" in address)  # IPv4 first, as from the DNS
