@@ -27,7 +27,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         parent = getattr(self, "parent", None)
-        rundir = parent["rundir"] if isinstance(parent, ServerOptions) else "."
+        rundir = parent.get("rundir", ".") if isinstance(parent, ServerOptions) else "."
         try:
             self.loaded = load_config(self["config"])
             check_files(self.loaded, rundir)
@@ -45,7 +45,7 @@ def makeService(options: Options) -> IService:
 
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
     parent = getattr(options, "parent", None)
-    nodaemon = not isinstance(parent, ServerOptions) or bool(parent["nodaemon"])
+    nodaemon = not isinstance(parent, ServerOptions) or bool(parent.get("nodaemon", True))
     top = build_service(options.loaded, reactor)
     # Made absolute now: twistd enters --rundir after makeService, and a relative
     # --config must still name the same file at SIGHUP.
