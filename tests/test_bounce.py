@@ -89,6 +89,9 @@ def test_original_headers_quoted_body_not() -> None:
     ("4.4.7 expired", "4.4.7"),
     ("550 no enhanced code", "5.0.0"),
     ("556 5.1.10 null MX", "5.1.10"),
+    ("550-5.7.1 first line of many", "5.7.1"),
+    ("550 rejected: listed at 10.2.1.1", "5.0.0"),  # an address is no status
+    ("554 host 192.168.4.5 blocked", "5.0.0"),
 ])
 def test_status_of(reply: str, status: str) -> None:
     assert status_of(reply) == status
@@ -107,3 +110,11 @@ def test_remote_name(remote: str | None, name: str | None) -> None:
 def test_header_block_stops_at_the_blank_line() -> None:
     assert header_block(ORIGINAL).endswith(b"Message-ID: <orig@src.test>\r\n")
     assert header_block(b"No-Body: yes\r\n") == b"No-Body: yes\r\n"
+
+
+def test_each_bounce_has_a_message_id_of_its_own() -> None:
+    """A message can bounce in several rounds (a 550 now, expiry later)."""
+    first = bounce([failed("a@dst.test", "550 5.1.1 no")])
+    second = bounce([failed("b@dst.test", "4.4.7 message expired")])
+    assert first["Message-ID"] != second["Message-ID"]
+    assert first["Message-ID"].endswith(".bounce@relay.test>")

@@ -10,6 +10,7 @@ envelope sender, through the queue like any other message.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -17,17 +18,19 @@ from email.utils import format_datetime
 from relaygw.envelope import Envelope, Recipient
 
 MAX_QUOTED_HEADERS = 64 * 1024
-_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# The enhanced code where a reply carries one: first, or right after the reply
+# code; never a dotted number further on (an IP address in the text).
+_STATUS = re.compile(r"^(?:\d{3}[ -])?([245])\.(\d{1,3})\.(\d{1,3})\b")
 _REPLY = re.compile(r"^\d{3}[ -]")
 
 
 def status_of(reply: str, default: str = "5.0.0") -> str:
     """The RFC 3463 code of a failure; a permanent failure is never reported as 4.x.x
     except expiry, which RFC 3463 spells 4.4.7."""
-    match = _STATUS.search(reply)
+    match = _STATUS.match(reply)
     if not match:
         return default
-    status = match.group(0)
+    status = ".".join(match.groups())
     if status.startswith("4.") and status != "4.4.7":
         return "5" + status[1:]
     return status
@@ -79,7 +82,8 @@ def build_bounce(envelope: Envelope, failed: Sequence[Recipient], original_heade
         f"To: <{envelope.sender}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {_date(now)}",
-        f"Message-ID: <{envelope.id}.bounce@{hostname}>",
+        # Unique per bounce: one message can bounce in several rounds.
+        f"Message-ID: <{envelope.id}.{secrets.token_hex(6)}.bounce@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
