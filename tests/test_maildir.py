@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 
 from core_fakes import recipient, sync_run
-from relaygw.delivery.maildir import CHUNK, MaildirDeliverer, maildir_file_name
+from relaygw.delivery.maildir import (
+    CHUNK,
+    MaildirDeliverer,
+    maildir_file_name,
+    without_return_path,
+)
 from relaygw.envelope import Envelope
 from relaygw.interfaces import DeliveryResult, IDeliverer, Status
 
@@ -179,3 +186,46 @@ def test_file_name_is_safe(tmp_path: Path) -> None:
     name = maildir_file_name(envelope, 3, "odd/host:name")
     assert "/" not in name and ":" not in name
     assert name.startswith("1700000000.R0000000000001000ABC_3.")
+
+
+def test_a_return_path_the_client_wrote_is_dropped(tmp_path: Path) -> None:
+    """Only the one written at delivery stays (Postfix's cleanup drops the client's)."""
+    data = (b"Received: from c.test\r\nReturn-Path: <forged@evil.test>\r\n"
+            b"RETURN-PATH:\r\n <folded@evil.test>\r\nSubject: hi\r\n\r\n"
+            b"Return-Path: <in the body, kept>\r\n")
+    envelope, message = setup(tmp_path, data)
+    deliver(envelope, message)
+    [delivered] = files(tmp_path / "mail" / "user0")
+    assert delivered.read_bytes() == (
+        b"Return-Path: <s@src.test>\nDelivered-To: user0@example.test\n"
+        b"Received: from c.test\nSubject: hi\n\nReturn-Path: <in the body, kept>\n")
+
+
+HEADER_LINES = st.sampled_from([
+    b"Subject: hi\r\n", b"Return-Path: <x@y.test>\r\n", b" folded\r\n", b"\tmore\r\n",
+    b"return-path:<z@y.test>\r\n", b"X-Long: " + b"a" * 300 + b"\r\n"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(HEADER_LINES, max_size=12),
+       st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"\r\n")),
+       st.lists(st.integers(min_value=1, max_value=64), max_size=20))
+def test_dropping_return_path_does_not_depend_on_the_reads(
+        headers: list[bytes], body: bytes, cuts: list[int]) -> None:
+    message = b"".join(headers) + b"\r\n" + body
+    expected, dropping = [], False
+    for line in headers:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                expected.append(line)
+            continue
+        dropping = line.lower().startswith(b"return-path:")
+        if not dropping:
+            expected.append(line)
+    pieces, position = [], 0
+    for cut in cuts:
+        pieces.append(message[position:position + cut])
+        position += cut
+    pieces.append(message[position:])
+    out = b"".join(without_return_path(iter([p for p in pieces if p])))
+    assert out == b"".join(expected) + b"\r\n" + body

@@ -12,7 +12,7 @@ fix permissions and the mail waits in the queue.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -82,7 +82,7 @@ class MaildirDeliverer:
                   self.source.open_for_delivery(envelope, message_path) as source):
                 out.write(header)
                 carry = b""
-                while chunk := source.read(CHUNK):
+                for chunk in without_return_path(iter(lambda: source.read(CHUNK), b"")):
                     chunk = carry + chunk
                     if chunk.endswith(b"\r"):  # a CRLF split across two reads
                         chunk, carry = chunk[:-1], b"\r"
@@ -103,3 +103,45 @@ class MaildirDeliverer:
         finally:
             os.close(dir_fd)
         return str(final)
+
+
+HEADER_SCAN_LIMIT = 256 * 1024  # a "line" this long ends the scan (DATA caps lines at 1000)
+
+
+def without_return_path(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The message's chunks, less any ``Return-Path:`` field of its header
+    section (folded lines included): the one written at delivery is the only
+    true one, and a client's own would sit under it, as Postfix's cleanup
+    drops it. The body passes as it is (and all that follows a line past
+    HEADER_SCAN_LIMIT, which no message accepted by DATA has)."""
+    pending = b""
+    dropping = False
+    for chunk in chunks:
+        pending += chunk
+        kept = []
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            line = pending[start:end + 1]
+            start = end + 1
+            if line in (b"\r\n", b"\n") or not (line[:1] in (b" ", b"\t") or b":" in line):
+                kept.append(line)  # the end of the header section
+                kept.append(pending[start:])
+                yield b"".join(kept)
+                yield from chunks
+                return
+            if line[:1] in (b" ", b"\t"):
+                if not dropping:
+                    kept.append(line)
+                continue
+            dropping = line[:12].lower() == b"return-path:"
+            if not dropping:
+                kept.append(line)
+        pending = pending[start:]
+        if kept:
+            yield b"".join(kept)
+        if len(pending) > HEADER_SCAN_LIMIT:
+            yield pending
+            yield from chunks
+            return
+    if pending:
+        yield pending
