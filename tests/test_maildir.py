@@ -229,3 +229,11 @@ def test_dropping_return_path_does_not_depend_on_the_reads(
     pieces.append(message[position:])
     out = b"".join(without_return_path(iter([p for p in pieces if p])))
     assert out == b"".join(expected) + b"\r\n" + body
+
+
+def test_delivered_to_is_lowercased_as_the_maildir_path(tmp_path: Path) -> None:
+    envelope, message = setup(tmp_path)
+    envelope.recipients[0].address = "Dave@example.test"
+    deliver(envelope, message)
+    [delivered] = files(tmp_path / "mail" / "user0")
+    assert b"\nDelivered-To: dave@example.test\n" in delivered.read_bytes()

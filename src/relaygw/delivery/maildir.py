@@ -75,7 +75,8 @@ class MaildirDeliverer:
             (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         temp = maildir / "tmp" / name
         header = (f"Return-Path: <{envelope.sender}>\n"
-                  f"Delivered-To: {recipient.address}\n").encode()
+                  # lowercased, as Postfix's mail_copy writes it (and as the path is)
+                  f"Delivered-To: {recipient.address.lower()}\n").encode()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with (open(fd, "wb", closefd=False) as out,
