@@ -266,23 +266,28 @@ def test_only_tls_1_2_and_later_with_forward_secrecy(tmp_path: Path, ca: TestCA,
     assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
 
 
-def test_implicit_tls_listener(tmp_path: Path, ca: TestCA, issued: IssuedCert) -> None:
-    """``submissions``: TLS from the first byte; the banner comes after the handshake."""
-    gateway = secure_gateway(tmp_path, issued)
+def implicit_tls_client(gateway: FakeGateway, ca: TestCA) -> tuple[TLSSession, StringTransport]:
+    """A ``submissions`` connection and its client half, before the handshake."""
     assert gateway.server_tls is not None
     factory = implicit_tls_factory(gateway.server_tls,
                                    SMTPFactory(gateway, "submissions", "test"), gateway.clock)
     wire = StringTransport(peerAddress=UNTRUSTED_PEER)
     protocol = factory.buildProtocol(UNTRUSTED_PEER)
     protocol.makeConnection(wire)
-    assert wire.value() == b""  # nothing in clear text
-
     client = TLSSession.__new__(TLSSession)  # the client half only, over this wire
     client.transport = _Wire(wire, protocol, gateway.clock)  # type: ignore[assignment]
     client.context = ssl.create_default_context(cafile=str(ca.ca_pem))
     client.server_name = HOSTNAME
     client.incoming, client.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client._seen, client._plain = 0, b""
+    return client, wire
+
+
+def test_implicit_tls_listener(tmp_path: Path, ca: TestCA, issued: IssuedCert) -> None:
+    """``submissions``: TLS from the first byte; the banner comes after the handshake."""
+    gateway = secure_gateway(tmp_path, issued)
+    client, wire = implicit_tls_client(gateway, ca)
+    assert wire.value() == b""  # nothing in clear text
     client.handshake()
     assert split_replies(client._read_tls()) == [replies.banner(HOSTNAME)]
     keywords = ehlo_keywords(client.send("EHLO client.test\r\n"))
@@ -707,37 +712,15 @@ def test_starttls_on_a_transport_without_tls(tmp_path: Path, issued: IssuedCert)
 
 
 def test_a_session_that_never_starts_its_handshake_is_aborted_at_the_timeout(
-        tmp_path: Path, issued: IssuedCert) -> None:
+        tmp_path: Path, ca: TestCA, issued: IssuedCert) -> None:
     """``submissions`` with no ClientHello ever: the 421 cannot reach the client,
     and TLS's orderly close would wait for the handshake forever, holding the
     client's connection slot."""
     gateway = secure_gateway(tmp_path, issued)
-    assert gateway.server_tls is not None
-    factory = implicit_tls_factory(gateway.server_tls,
-                                   SMTPFactory(gateway, "submissions", "test"), gateway.clock)
-    wire = StringTransport(peerAddress=UNTRUSTED_PEER)
-    protocol = factory.buildProtocol(UNTRUSTED_PEER)
-    protocol.makeConnection(wire)
+    _, wire = implicit_tls_client(gateway, ca)
     gateway.clock.advance(30)  # command_timeout
     assert wire.disconnected  # aborted (StringTransport's mark), not waiting
     assert wire.value() == b""  # nothing in clear text, ever
-
-
-def implicit_tls_client(gateway: FakeGateway, ca: TestCA) -> tuple[TLSSession, StringTransport]:
-    """A ``submissions`` connection and its client half, before the handshake."""
-    assert gateway.server_tls is not None
-    factory = implicit_tls_factory(gateway.server_tls,
-                                   SMTPFactory(gateway, "submissions", "test"), gateway.clock)
-    wire = StringTransport(peerAddress=UNTRUSTED_PEER)
-    protocol = factory.buildProtocol(UNTRUSTED_PEER)
-    protocol.makeConnection(wire)
-    client = TLSSession.__new__(TLSSession)  # the client half only, over this wire
-    client.transport = _Wire(wire, protocol, gateway.clock)  # type: ignore[assignment]
-    client.context = ssl.create_default_context(cafile=str(ca.ca_pem))
-    client.server_name = HOSTNAME
-    client.incoming, client.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client._seen, client._plain = 0, b""
-    return client, wire
 
 
 def test_an_implicit_tls_client_over_the_limit_hears_its_421(

@@ -7,6 +7,7 @@ because twistd enters ``--rundir`` only after the service is built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -421,16 +422,14 @@ class Services(MultiService):
     nodaemon = True
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except StartupError as e:
-            if self.nodaemon:
-                raise SystemExit(str(e)) from None
-            raise
+        self._one_line(super().privilegedStartService)
 
     def startService(self) -> None:
+        self._one_line(super().startService)
+
+    def _one_line(self, start: Callable[[], None]) -> None:
         try:
-            super().startService()
+            start()
         except StartupError as e:
             if self.nodaemon:
                 raise SystemExit(str(e)) from None
