@@ -321,7 +321,8 @@ class SMTPServerProtocol(Protocol):
         finally:
             self._processing = False
             self._flush_replies()
-        self._close_if_input_done()
+        if self._input_ended:  # rare: no method call per read otherwise
+            self._close_if_input_done()
 
     def _process_buffer(self) -> None:
         while not self._busy and not self.closing and self._buffer:
