@@ -24,8 +24,9 @@ class StartupError(Exception):
 
     An Exception, not SystemExit: a daemonized twistd reports only an
     Exception to its waiting parent (which then prints it and exits 1);
-    with SystemExit the parent waits forever. relaygw.tap turns it into
-    SystemExit under ``twistd -n``, where a traceback would be printed."""
+    with SystemExit the parent waits forever. ``relaygw.service.Services``
+    turns it into SystemExit under ``twistd -n``, where a traceback would
+    be printed."""
 
 
 def check_files(config: Config, rundir: str | Path = ".") -> None:

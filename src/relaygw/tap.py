@@ -37,24 +37,25 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    if isinstance(getattr(options, "parent", None), ServerOptions):
+    parent = getattr(options, "parent", None)
+    by_twistd = isinstance(parent, ServerOptions)
+    if by_twistd:
         _install_reactor()  # run by twistd: not for tests or an embedding program
     from twisted.internet import reactor
 
     from relaygw.service import build_service
 
     reactor.callWhenRunning(_stop_cleanly_on_sigterm, reactor)
-    parent = getattr(options, "parent", None)
-    nodaemon = not isinstance(parent, ServerOptions) or bool(parent.get("nodaemon", True))
     top = build_service(options.loaded, reactor)
+    # One-line start-up errors unless a daemonizing twistd reports them (Services).
+    top.nodaemon = not by_twistd or bool(parent.get("nodaemon", True))
     # Made absolute now: twistd enters --rundir after makeService, and a relative
     # --config must still name the same file at SIGHUP.
     path = os.path.abspath(options["config"]) if options["config"] is not None else None
     reactor.callWhenRunning(_reload_on_sighup, reactor, top.getServiceNamed("gateway"), path)
-    observer = stdout_observer(getattr(options, "parent", None))
-    top.nodaemon = nodaemon
+    observer = stdout_observer(parent)
     service = top if observer is None else LoggingTo(top, observer)
-    if isinstance(getattr(options, "parent", None), ServerOptions):
+    if by_twistd:
         from relaygw import gctune
 
         gctune.tune()  # last: what start-up made is frozen

@@ -5,6 +5,7 @@ The config trusts only 127.0.0.1/32, so 127.0.0.5 is "anyone" and 127.0.0.1 is t
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -370,3 +371,19 @@ def test_local_delivery_from_untrusted(daemon: Daemon, smtp: RawSMTP) -> None:
     (path,) = wait_for(lambda: find_delivered(daemon, token), 20, "delivery")
     assert path.parent.parent == daemon.maildir("example.test", "bob")
     assert qid in path.read_text()
+
+
+def test_a_half_closed_client_hears_its_250(daemon: Daemon) -> None:
+    """The whole session pipelined, then shutdown(SHUT_WR): every reply comes back,
+    the 250 of the queued message included, then the server closes (as Postfix)."""
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as client:
+        client.sendall(b"EHLO half.example.test\r\nMAIL FROM:<a@remote.test>\r\n"
+                       b"RCPT TO:<alice@example.test>\r\nDATA\r\nSubject: half\r\n\r\n"
+                       b"hi\r\n.\r\nQUIT\r\n")
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := client.recv(4096):
+            received += chunk
+    lines = received.decode().splitlines()
+    assert lines[-2].startswith("250 2.0.0 Ok: queued as "), lines
+    assert lines[-1].startswith("221 "), lines
